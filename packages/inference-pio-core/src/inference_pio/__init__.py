@@ -1,0 +1,68 @@
+"""inference-pio: a plugin-based local inference system.
+
+Importing this package is cheap: no torch, no transformers, no plugin modules.
+"""
+
+from __future__ import annotations
+
+from inference_pio.common.config_manager import ConfigManager
+from inference_pio.common.interfaces import (
+    PLUGIN_API_VERSION,
+    GenerationParams,
+    GenerationResult,
+    ModelPluginInterface,
+    StreamChunk,
+    TextModelPluginInterface,
+    Usage,
+)
+from inference_pio.common.memory import MemoryPlan
+from inference_pio.common.metadata import ModelPluginMetadata
+from inference_pio.errors import (
+    ConfigError,
+    ContextLengthError,
+    InferencePIOError,
+    InsufficientMemoryError,
+    InvalidRequestError,
+    MetadataError,
+    ModelLoadError,
+    PluginConflictError,
+    PluginDisabledError,
+    PluginIncompatibleError,
+    PluginLoadError,
+    PluginNotActiveError,
+    PluginNotFoundError,
+)
+from inference_pio.plugin_system.hookspecs import hookimpl
+from inference_pio.plugin_system.manager import PluginManager, get_plugin_manager, reset_plugin_manager
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PLUGIN_API_VERSION",
+    "ConfigError",
+    "ConfigManager",
+    "ContextLengthError",
+    "GenerationParams",
+    "GenerationResult",
+    "InferencePIOError",
+    "InsufficientMemoryError",
+    "InvalidRequestError",
+    "MemoryPlan",
+    "MetadataError",
+    "ModelLoadError",
+    "ModelPluginInterface",
+    "ModelPluginMetadata",
+    "PluginConflictError",
+    "PluginDisabledError",
+    "PluginIncompatibleError",
+    "PluginLoadError",
+    "PluginManager",
+    "PluginNotActiveError",
+    "PluginNotFoundError",
+    "StreamChunk",
+    "TextModelPluginInterface",
+    "Usage",
+    "get_plugin_manager",
+    "hookimpl",
+    "reset_plugin_manager",
+]

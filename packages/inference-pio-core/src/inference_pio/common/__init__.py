@@ -1,0 +1,1 @@
+"""Shared building blocks: metadata, interfaces, configuration. Light: no torch here."""

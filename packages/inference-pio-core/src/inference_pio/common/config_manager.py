@@ -1,0 +1,209 @@
+"""``ConfigManager``: layered, validated runtime configuration.
+
+Precedence, lowest first: built-in defaults < plugin defaults < TOML config file < ``INFERENCE_PIO_*``
+environment variables < keyword arguments. Each value remembers where it came from, so errors can say so.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from inference_pio.common.memory import DeviceMemory, MemoryPlan, plan_memory
+from inference_pio.common.metadata import GB, ModelPluginMetadata, Precision
+from inference_pio.errors import ConfigError
+
+RESERVED_ENV = {"PLUGINS", "DISABLE_PLUGINS", "STRICT", "CONFIG", "SIMULATED_FREE_MEMORY", "LOG_LEVEL"}
+DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class BuiltinConfig(BaseModel):
+    """Keys every plugin understands, with their built-in defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: str = Field(default="auto", pattern=DEVICE_RE.pattern)
+    dtype: str = Field(default="auto", pattern=r"^(auto|float32|bfloat16|float16)$")
+    quantization: str = Field(default="auto", pattern=r"^(auto|none|int8|int4)$")
+    model_path: str | None = None
+    revision: str | None = None
+    local_files_only: bool = False
+    max_context: int | None = Field(default=None, gt=0, description="cap on prompt + new tokens (KV cache length)")
+    max_batch_size: int = Field(default=1, ge=1, le=256, description="decode slots kept in the static KV cache")
+    max_images: int = Field(default=8, ge=0, le=64)
+    max_image_pixels: int = Field(default=16_777_216, gt=0, description="pixels accepted per image before refusal")
+
+
+def default_config_path(environ: Mapping[str, str]) -> Path:
+    if "INFERENCE_PIO_CONFIG" in environ:
+        return Path(environ["INFERENCE_PIO_CONFIG"])
+    base = environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "inference-pio" / "config.toml"
+
+
+def parse_size(text: str) -> int:
+    """'24GB', '512MiB', '1e9' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*", text)
+    if not match:
+        raise ConfigError(f"cannot read {text!r} as a size; use e.g. '24GB' or '512MiB'")
+    unit = match.group(2) or "B"
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}[unit]
+    return int(float(match.group(1)) * scale)
+
+
+@dataclass
+class ResolvedConfig:
+    """The merged configuration of one activation, with the source of every value."""
+
+    values: dict[str, Any]
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.values.get(key, default)
+
+
+class ConfigManager:
+    """Merges configuration layers and adapts precision to the device's free memory."""
+
+    def __init__(
+        self,
+        config_file: str | Path | None = None,
+        environ: Mapping[str, str] | None = None,
+        memory_probe: Callable[[str], DeviceMemory] | None = None,
+    ) -> None:
+        self.environ = dict(os.environ if environ is None else environ)
+        self.config_file = Path(config_file) if config_file else default_config_path(self.environ)
+        self._file_data: dict[str, Any] | None = None
+        self.memory_probe = memory_probe
+
+    # -- layers ---------------------------------------------------------------------------------
+    def file_data(self) -> dict[str, Any]:
+        """The parsed TOML file (empty when it does not exist)."""
+        if self._file_data is None:
+            if self.config_file.is_file():
+                try:
+                    self._file_data = tomllib.loads(self.config_file.read_text(encoding="utf-8"))
+                except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+                    raise ConfigError(f"config file {self.config_file} is not valid TOML: {exc}") from exc
+            else:
+                self._file_data = {}
+        return self._file_data
+
+    def section(self, *path: str) -> dict[str, Any]:
+        """A table of the config file, e.g. ``section("server")``; empty when absent."""
+        data: Any = self.file_data()
+        for key in path:
+            data = data.get(key, {}) if isinstance(data, dict) else {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {self.config_file}: [{'.'.join(path)}] must be a table")
+        return data
+
+    def _env_layer(self, plugin_name: str) -> dict[str, tuple[str, str]]:
+        out: dict[str, tuple[str, str]] = {}
+        plugin_prefix = f"INFERENCE_PIO_{plugin_name.upper()}__"
+        for key, value in self.environ.items():
+            if key.startswith(plugin_prefix):
+                out[key[len(plugin_prefix):].lower()] = (value, key)
+            elif key.startswith("INFERENCE_PIO_") and "__" not in key:
+                short = key[len("INFERENCE_PIO_"):]
+                if short not in RESERVED_ENV and short.lower() in BuiltinConfig.model_fields:
+                    out.setdefault(short.lower(), (value, key))
+        return out  # per-plugin variables overwrite, global ones only fill in
+
+    def resolve(
+        self, plugin_name: str, plugin_defaults: Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None
+    ) -> ResolvedConfig:
+        """Merge every layer for ``plugin_name`` and validate the result."""
+        plugin_defaults = dict(plugin_defaults or {})
+        values: dict[str, Any] = BuiltinConfig().model_dump()
+        sources = dict.fromkeys(values, "built-in default")
+        known = set(values) | set(plugin_defaults)
+
+        def apply(layer: Mapping[str, Any], source: Callable[[str], str]) -> None:
+            for key, value in layer.items():
+                if key not in known:
+                    raise ConfigError(
+                        f"unknown configuration key {key!r} for plugin {plugin_name} (from {source(key)}); "
+                        f"known keys: {', '.join(sorted(known))}"
+                    )
+                values[key] = value
+                sources[key] = source(key)
+
+        apply(plugin_defaults, lambda k: "plugin default")
+        file_layer = {**self.section("defaults"), **self.section("plugins", plugin_name)}
+        apply(file_layer, lambda k: f"config file {self.config_file}")
+        env = self._env_layer(plugin_name)
+        apply({k: self._coerce_env(k, v, plugin_defaults) for k, (v, _) in env.items()},
+              lambda k: f"environment variable {env[k][1]}")
+        apply({k: v for k, v in (overrides or {}).items() if v is not None}, lambda k: "keyword argument")
+
+        builtin = {k: values[k] for k in BuiltinConfig.model_fields}
+        try:
+            checked = BuiltinConfig.model_validate(builtin)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = str(err["loc"][0]) if err["loc"] else "?"
+            raise ConfigError(
+                f"invalid configuration value {key}={builtin.get(key)!r} (from {sources.get(key)}): {err['msg']}"
+            ) from exc
+        values.update(checked.model_dump())
+        return ResolvedConfig(values, sources)
+
+    @staticmethod
+    def _coerce_env(key: str, raw: str, plugin_defaults: Mapping[str, Any]) -> Any:
+        default = plugin_defaults.get(key, BuiltinConfig.model_fields[key].default
+                                      if key in BuiltinConfig.model_fields else None)
+        if isinstance(default, bool) or key == "local_files_only":
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        if isinstance(default, int) or key in ("max_context", "max_batch_size", "max_images", "max_image_pixels"):
+            try:
+                return int(raw)
+            except ValueError:
+                raise ConfigError(f"environment value for {key} must be an integer, got {raw!r}") from None
+        if isinstance(default, float):
+            return float(raw)
+        return raw
+
+    # -- runtime adaptation ---------------------------------------------------------------------
+    def probe(self, device: str) -> DeviceMemory:
+        """Free memory of ``device``; ``INFERENCE_PIO_SIMULATED_FREE_MEMORY`` overrides it (for tests and drills)."""
+        simulated = self.environ.get("INFERENCE_PIO_SIMULATED_FREE_MEMORY")
+        if simulated:
+            size = parse_size(simulated)
+            return DeviceMemory(device, size, size)
+        if self.memory_probe is not None:
+            return self.memory_probe(device)
+        from inference_pio.runtime.devices import probe_memory
+
+        return probe_memory(device)
+
+    def plan_memory(
+        self,
+        metadata: ModelPluginMetadata,
+        config: ResolvedConfig,
+        requirements: Mapping[Precision, int] | None = None,
+    ) -> MemoryPlan:
+        """Pick dtype and quantization for ``metadata`` on ``config['device']`` (already resolved, not 'auto')."""
+        memory = self.probe(config["device"])
+        return plan_memory(
+            metadata.name,
+            requirements or metadata.memory_requirements,
+            memory,
+            dtype=config["dtype"],
+            quantization=config["quantization"],
+            supported_quantizations=metadata.supported_quantizations,
+        )
+
+
+__all__ = ["GB", "BuiltinConfig", "ConfigManager", "ResolvedConfig", "parse_size"]

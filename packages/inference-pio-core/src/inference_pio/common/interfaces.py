@@ -1,0 +1,205 @@
+"""The plugin interfaces every model implements, and the typed values they exchange."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from inference_pio.common.metadata import ModelPluginMetadata
+from inference_pio.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from inference_pio.common.config_manager import ConfigManager
+    from inference_pio.common.memory import MemoryPlan
+
+PLUGIN_API_VERSION = "1.0"
+"""Version of the plugin API this core implements; plugins declare the range they support."""
+
+FinishReason = Literal["stop", "length"]
+Message = Mapping[str, Any]
+"""An OpenAI-style chat message: ``{"role": ..., "content": str | list[part]}``."""
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of one request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What ``generate_text``, ``chat_completion`` and ``infer`` return."""
+
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    token_ids: tuple[int, ...] = field(default=(), repr=False)
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """One streamed text delta; the last chunk carries the finish reason and usage."""
+
+    text: str
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    token_ids: tuple[int, ...] = field(default=(), repr=False)  # all generated ids, on the final chunk
+
+
+class GenerationParams(BaseModel):
+    """Validated sampling parameters shared by every text plugin."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_new_tokens: int = Field(default=256, ge=1, le=1_000_000)
+    temperature: float = Field(default=0.0, ge=0.0, le=100.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    stop: tuple[str, ...] = Field(default=(), max_length=16)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=100.0)
+
+    @field_validator("temperature", "top_p", "repetition_penalty", mode="before")
+    @classmethod
+    def _finite(cls, value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, value: Any) -> Any:
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            value = (value,)
+        if any(not isinstance(s, str) or s == "" for s in value):
+            raise ValueError("stop sequences must be non-empty strings")
+        return tuple(value)
+
+    @classmethod
+    def parse(cls, params: Mapping[str, Any]) -> GenerationParams:
+        """Validate keyword parameters into an instance, or raise ``InvalidRequestError`` naming the parameter."""
+        try:
+            return cls.model_validate(dict(params))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            name = ".".join(str(p) for p in err["loc"]) or "params"
+            if err["type"] == "extra_forbidden":
+                known = ", ".join(cls.model_fields)
+                raise InvalidRequestError(f"unknown generation parameter '{name}'; known: {known}", param=name) from exc
+            raise InvalidRequestError(
+                f"invalid generation parameter '{name}': {err['msg']} (got {err.get('input')!r})", param=name
+            ) from exc
+
+
+class ModelPluginInterface(ABC):
+    """What every model plugin implements. Construction must stay cheap: heavy work happens in ``load_model``."""
+
+    config_manager: ConfigManager | None = None
+    """Set by the manager before ``initialize``; plugins use it to plan memory."""
+    memory_plan: MemoryPlan | None = None
+    """The dtype/quantization decision of the last ``load_model``, for users to read."""
+
+    @property
+    @abstractmethod
+    def metadata(self) -> ModelPluginMetadata:
+        """The plugin's self-description."""
+
+    @abstractmethod
+    def initialize(self, **kwargs: Any) -> None:
+        """Prepare resources that do not need the weights (called once per activation)."""
+
+    @abstractmethod
+    def load_model(self, config: Mapping[str, Any]) -> None:
+        """Load weights and apply optimizations; torch and transformers are imported here, not before."""
+
+    @abstractmethod
+    def infer(self, data: Any, **kwargs: Any) -> Any:
+        """Run inference on ``data``."""
+
+    @abstractmethod
+    def cleanup(self) -> None:
+        """Release weights, caches and device memory. Safe to call twice."""
+
+    def supports_config(self, config: Mapping[str, Any]) -> bool:
+        """Whether this plugin can run with ``config`` (device kind, quantization)."""
+        device = str(config.get("device", "auto")).split(":", 1)[0]
+        if device not in ("auto", *self.metadata.supported_devices):
+            return False
+        quant = config.get("quantization", "auto")
+        return quant in ("auto", "none", *self.metadata.supported_quantizations)
+
+    def default_config(self) -> dict[str, Any]:
+        """Plugin-level defaults; they sit between built-in defaults and the config file."""
+        return {}
+
+
+class TextModelPluginInterface(ModelPluginInterface):
+    """A model that reads and writes text (and possibly reads images)."""
+
+    @abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of plain ``text`` (special-token strings stay plain text)."""
+
+    @abstractmethod
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``."""
+
+    @abstractmethod
+    def stream_text(self, prompt: str, **params: Any) -> Iterator[StreamChunk]:
+        """Continue ``prompt``, yielding text deltas as they are decoded."""
+
+    @abstractmethod
+    def stream_chat(self, messages: Sequence[Message], **params: Any) -> Iterator[StreamChunk]:
+        """Answer OpenAI-style ``messages``, yielding text deltas as they are decoded."""
+
+    def generate_text(self, prompt: str, **params: Any) -> GenerationResult:
+        """Continue ``prompt``; the non-streaming form of ``stream_text``."""
+        return collect(self.stream_text(prompt, **params))
+
+    def chat_completion(self, messages: Sequence[Message], **params: Any) -> GenerationResult:
+        """Answer OpenAI-style ``messages``; the non-streaming form of ``stream_chat``."""
+        return collect(self.stream_chat(messages, **params))
+
+    def infer(self, data: Any, **kwargs: Any) -> GenerationResult:
+        """A string is a chat turn from the user (with ``image=`` / ``images=`` attached); a list is messages."""
+        if isinstance(data, str):
+            images = kwargs.pop("images", None) or []
+            if "image" in kwargs:
+                images = [kwargs.pop("image"), *images]
+            content: Any = data
+            if images:
+                content = [*({"type": "image", "image": img} for img in images), {"type": "text", "text": data}]
+            return self.chat_completion([{"role": "user", "content": content}], **kwargs)
+        if isinstance(data, Sequence):
+            return self.chat_completion(data, **kwargs)
+        raise InvalidRequestError(
+            f"infer() takes a prompt string or a list of chat messages, got {type(data).__name__}", param="data"
+        )
+
+
+def collect(chunks: Iterator[StreamChunk]) -> GenerationResult:
+    """Join a stream into one result; the same code path as streaming, so both always agree."""
+    parts: list[str] = []
+    finish: FinishReason | None = None
+    usage: Usage | None = None
+    token_ids: tuple[int, ...] = ()
+    for chunk in chunks:
+        parts.append(chunk.text)
+        if chunk.finish_reason is not None:
+            finish, usage, token_ids = chunk.finish_reason, chunk.usage, chunk.token_ids
+    if finish is None or usage is None:
+        raise RuntimeError("stream ended without a final chunk carrying finish_reason and usage")
+    return GenerationResult(text="".join(parts), finish_reason=finish, usage=usage, token_ids=token_ids)

@@ -1,0 +1,1 @@
+"""Discovery, registration and lifecycle of plugins. Light: no torch here."""

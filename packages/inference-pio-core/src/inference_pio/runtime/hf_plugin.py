@@ -1,0 +1,255 @@
+"""``HFTextPlugin``: the shared implementation of text plugins backed by transformers checkpoints.
+
+A model package subclasses it and supplies only what is specific to its model: metadata, the
+transformers class, how the processor is loaded and how a chat turns into a :class:`Prompt`.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import closing
+from pathlib import Path
+from typing import Any, ClassVar
+
+from inference_pio.common.config_manager import ConfigManager, ResolvedConfig
+from inference_pio.common.interfaces import (
+    GenerationParams,
+    Message,
+    StreamChunk,
+    TextModelPluginInterface,
+    Usage,
+)
+from inference_pio.common.memory import checkpoint_parameter_count, requirements_for
+from inference_pio.common.metadata import ModelPluginMetadata
+from inference_pio.errors import ContextLengthError, InvalidRequestError, ModelLoadError, PluginNotActiveError
+
+log = logging.getLogger("inference_pio.runtime")
+DEFAULT_CONTEXT = 4096
+
+
+class HFTextPlugin(TextModelPluginInterface):
+    """Loads a transformers checkpoint and generates through the shared :class:`DecodeEngine`."""
+
+    METADATA: ClassVar[ModelPluginMetadata]
+    MODEL_CLASS: ClassVar[str]  # name in the transformers namespace, e.g. "Glm4MoeLiteForCausalLM"
+    MROPE: ClassVar[bool] = False
+    CHAT_OPTIONS: ClassVar[frozenset[str]] = frozenset()  # extra chat keywords passed to the template
+
+    def __init__(self) -> None:
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.processor: Any = None
+        self.engine: Any = None
+        self.settings: dict[str, Any] = {}
+        self.eos_ids: frozenset[int] = frozenset()
+        self.source: str | None = None
+
+    @property
+    def metadata(self) -> ModelPluginMetadata:
+        return self.METADATA
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def initialize(self, **kwargs: Any) -> None:
+        self.settings = dict(kwargs)
+
+    def resolve_source(self, config: Mapping[str, Any]) -> tuple[str, Path | None]:
+        """The checkpoint to load: a local directory (checked) or the default hub id."""
+        model_path = config.get("model_path")
+        if not model_path:
+            return self.metadata.model_id, None
+        path = Path(model_path).expanduser()
+        if path.is_dir():
+            path = path.resolve()
+            if not (path / "config.json").is_file():
+                raise ModelLoadError(f"{path} has no config.json; point model_path at a transformers checkpoint "
+                                     "directory")
+            return str(path), path
+        if path.exists():
+            raise ModelLoadError(f"model_path {path} is a file; it must be a checkpoint directory")
+        if "/" in str(model_path) and not str(model_path).startswith((".", "/", "~")):
+            return str(model_path), None  # another hub id
+        raise ModelLoadError(f"model_path {path} does not exist")
+
+    def load_model(self, config: Mapping[str, Any]) -> None:
+        import torch
+
+        from inference_pio.runtime.devices import resolve_device, torch_dtype
+        from inference_pio.runtime.engine import DecodeEngine
+
+        self.cleanup()
+        source, local = self.resolve_source(config)
+        device = resolve_device(str(config.get("device", "auto")))
+        resolved = ResolvedConfig({**self.settings, **config, "device": device})
+        requirements = requirements_for(checkpoint_parameter_count(local)) if local else None
+        manager = self.config_manager or ConfigManager()
+        self.memory_plan = plan = manager.plan_memory(self.metadata, resolved, requirements)
+        log.info("%s: loading %s; %s", self.metadata.name, source, plan.describe())
+
+        import transformers
+
+        cls = getattr(transformers, self.MODEL_CLASS)
+        kwargs: dict[str, Any] = {
+            "dtype": torch_dtype(plan.dtype),
+            "use_safetensors": True,
+            "trust_remote_code": False,
+            "revision": config.get("revision"),
+            "local_files_only": bool(config.get("local_files_only")),
+        }
+        if plan.quantization != "none":
+            kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+                load_in_8bit=plan.quantization == "int8",
+                load_in_4bit=plan.quantization == "int4",
+                bnb_4bit_compute_dtype=torch_dtype(plan.dtype),
+                bnb_4bit_quant_type="nf4",
+            )
+            kwargs["device_map"] = device
+        elif device != "cpu":
+            kwargs["device_map"] = device
+        try:
+            model = cls.from_pretrained(source, **kwargs)
+            self.load_processor(source, config)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{self.metadata.name}: could not load {source}: {exc}") from exc
+        model.eval()
+        if device.startswith("cuda"):
+            fraction = config.get("gpu_memory_fraction")
+            if fraction:
+                torch.cuda.set_per_process_memory_fraction(float(fraction), torch.device(device))
+        self.model = model
+        self.source = source
+        text_config = model.config.get_text_config()
+        limit = int(getattr(text_config, "max_position_embeddings", DEFAULT_CONTEXT))
+        max_len = min(int(config.get("max_context") or DEFAULT_CONTEXT), limit)
+        self.engine = DecodeEngine(model, max_len=max_len, max_slots=int(config.get("max_batch_size") or 1),
+                                   mrope=self.MROPE)
+        self.eos_ids = self.find_eos_ids()
+
+    def load_processor(self, source: str, config: Mapping[str, Any]) -> None:
+        """Load the tokenizer (and processor); subclasses with images override this."""
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=config.get("revision"), local_files_only=bool(config.get("local_files_only")),
+            trust_remote_code=False,
+        )
+
+    def find_eos_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        for value in (getattr(self.model.generation_config, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+        return frozenset(ids)
+
+    def cleanup(self) -> None:
+        device = str(self.engine.device) if self.engine is not None else "cpu"
+        if self.engine is not None:
+            self.engine.release()
+        self.model = self.engine = self.processor = self.tokenizer = None
+        gc.collect()
+        if device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def _require_loaded(self) -> None:
+        if self.engine is None:
+            raise PluginNotActiveError(f"{self.metadata.name}: no model is loaded; activate the plugin first")
+
+    # -- text ---------------------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        self._require_loaded()
+        return list(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+
+    def encode_template(self, text: str) -> list[int]:
+        """Tokenize template text, where special-token strings are real special tokens."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        self._require_loaded()
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=False))
+
+    def stream_text(self, prompt: str, **params: Any) -> Iterator[StreamChunk]:
+        self._require_loaded()
+        if not isinstance(prompt, str):
+            raise InvalidRequestError(f"prompt must be a string, got {type(prompt).__name__}", "prompt")
+        if not prompt.strip():
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        from inference_pio.runtime.engine import Prompt
+
+        parsed = GenerationParams.parse(params)
+        return self.run(Prompt(self.tokenize(prompt)), parsed)
+
+    def stream_chat(self, messages: Sequence[Message], **params: Any) -> Iterator[StreamChunk]:
+        self._require_loaded()
+        options = {k: params.pop(k) for k in list(params) if k in self.CHAT_OPTIONS}
+        parsed = GenerationParams.parse(params)
+        prompt = self.prepare_chat(messages, options)
+        return self.run(prompt, parsed)
+
+    def prepare_chat(self, messages: Sequence[Message], options: dict[str, Any]) -> Any:
+        """Turn messages into a :class:`Prompt` with the checkpoint's chat template (text-only default)."""
+        from inference_pio.runtime.chat import normalize_messages, render_protected
+        from inference_pio.runtime.engine import Prompt
+
+        norm = normalize_messages(messages, allow_images=False, max_images=0)
+        segments = render_protected(norm, lambda msgs: self.apply_template(msgs, options), structured_content=False)
+        ids: list[int] = []
+        for seg in segments:
+            ids += self.tokenize(seg.text) if seg.user else self.encode_template(seg.text)
+        return Prompt(ids)
+
+    def apply_template(self, messages: list[dict[str, Any]], options: Mapping[str, Any]) -> str:
+        template_owner = self.processor if self.processor is not None else self.tokenizer
+        return str(template_owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                      **options))
+
+    def check_context(self, prompt_tokens: int, params: GenerationParams) -> None:
+        limit = self.engine.max_len
+        if prompt_tokens >= limit:
+            raise ContextLengthError(
+                f"the prompt is {prompt_tokens} tokens; the context window is {limit} tokens "
+                f"(max_context). Shorten the prompt or activate with a larger max_context.", "messages")
+        if prompt_tokens + params.max_new_tokens > limit:
+            raise ContextLengthError(
+                f"prompt ({prompt_tokens} tokens) + max_new_tokens ({params.max_new_tokens}) = "
+                f"{prompt_tokens + params.max_new_tokens} exceeds the context window of {limit} tokens; "
+                f"ask for at most {limit - prompt_tokens} new tokens", "max_new_tokens")
+
+    def run(self, prompt: Any, params: GenerationParams) -> Iterator[StreamChunk]:
+        """Validate, then return the stream (validation errors surface before the first chunk)."""
+        self.check_context(len(prompt.ids), params)
+        return self._stream(prompt, params)
+
+    def _stream(self, prompt: Any, params: GenerationParams) -> Iterator[StreamChunk]:
+        from inference_pio.runtime.streaming import IncrementalDetokenizer, StopMatcher
+
+        detok = IncrementalDetokenizer(self.tokenizer)
+        stops = StopMatcher(params.stop)
+        generated: list[int] = []
+        finish = "length"
+        stopped_by_string = False
+        with closing(self.engine.generate(prompt, params)) as tokens:
+            for token in tokens:
+                generated.append(token)
+                if token in self.eos_ids:
+                    finish = "stop"
+                    break
+                text, stopped_by_string = stops.push(detok.push(token))
+                if text:
+                    yield StreamChunk(text)
+                if stopped_by_string:
+                    finish = "stop"
+                    break
+        if not stopped_by_string:  # emit what was held back (partial characters, stop-string prefixes)
+            text, hit = stops.push(detok.flush())
+            if hit:
+                finish = "stop"
+            else:
+                text += stops.flush()
+            if text:
+                yield StreamChunk(text)
+        yield StreamChunk("", finish, Usage(len(prompt.ids), len(generated)), tuple(generated))  # type: ignore[arg-type]

@@ -1,0 +1,85 @@
+"""A static, slot-based KV cache that plugs into transformers models as their ``Cache``.
+
+Every layer owns pre-allocated ``[slots, heads, max_len, dim]`` buffers. Each forward writes at
+per-row positions given by a shared :class:`WritePlan`, so the shapes of a decode step never
+change: the step can be captured as a CUDA graph, and rows (slots) can hold different requests
+at different lengths — what continuous batching needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+@dataclass
+class WritePlan:
+    """Where the current forward writes: ``rows`` [B] slot indices, ``positions`` [B, q] cache positions."""
+
+    rows: torch.Tensor
+    positions: torch.Tensor
+    all_rows: bool = False
+
+
+class SlotLayer(CacheLayerMixin):
+    is_compileable = True
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, plan_holder: SlotCache, max_slots: int, max_len: int) -> None:
+        super().__init__()
+        self._holder = plan_holder
+        self.max_slots = max_slots
+        self.max_len = max_len
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        heads = key_states.shape[1]
+        self.keys = key_states.new_zeros((self.max_slots, heads, self.max_len, key_states.shape[-1]))
+        self.values = value_states.new_zeros((self.max_slots, value_states.shape[1], self.max_len,
+                                              value_states.shape[-1]))
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        assert self.keys is not None and self.values is not None
+        plan = self._holder.plan
+        index = (plan.rows[:, None], slice(None), plan.positions)
+        self.keys[index] = key_states.transpose(1, 2).to(self.keys.dtype)
+        self.values[index] = value_states.transpose(1, 2).to(self.values.dtype)
+        if plan.all_rows:
+            return self.keys, self.values
+        return self.keys[plan.rows], self.values[plan.rows]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.max_len, 0
+
+    def get_seq_length(self) -> int:
+        return self._holder.seen
+
+    def get_max_length(self) -> int:
+        return self.max_len
+
+    def nbytes(self) -> int:
+        if self.keys is None or self.values is None:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+
+class SlotCache(Cache):
+    """One :class:`SlotLayer` per decoder layer, sharing one write plan."""
+
+    def __init__(self, num_layers: int, max_slots: int, max_len: int) -> None:
+        self.plan = WritePlan(torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long))
+        self.seen = 0
+        super().__init__(layers=[SlotLayer(self, max_slots, max_len) for _ in range(num_layers)])
+        self.max_slots = max_slots
+        self.max_len = max_len
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers if isinstance(layer, SlotLayer))

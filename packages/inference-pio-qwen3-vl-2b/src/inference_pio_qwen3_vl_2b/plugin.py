@@ -1,0 +1,107 @@
+"""``Qwen3VL2BPlugin``: what is specific to Qwen3-VL on top of the shared runtime — images and M-RoPE."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+from inference_pio.common.interfaces import Message
+from inference_pio.common.metadata import ModelPluginMetadata
+from inference_pio.runtime.hf_plugin import HFTextPlugin
+
+from inference_pio_qwen3_vl_2b.metadata import METADATA
+from inference_pio_qwen3_vl_2b.template import CHAT_TEMPLATE
+
+
+class Qwen3VL2BPlugin(HFTextPlugin):
+    """Qwen3-VL-2B-Instruct: chat over text and images."""
+
+    METADATA: ClassVar[ModelPluginMetadata] = METADATA
+    MODEL_CLASS: ClassVar[str] = "Qwen3VLForConditionalGeneration"
+    MROPE: ClassVar[bool] = True
+
+    def load_processor(self, source: str, config: Mapping[str, Any]) -> None:
+        from transformers import AutoImageProcessor
+
+        super().load_processor(source, config)
+        self.image_processor = AutoImageProcessor.from_pretrained(
+            source, revision=config.get("revision"), local_files_only=bool(config.get("local_files_only")),
+            trust_remote_code=False,
+        )
+        self.chat_template = self._find_template(source)
+        vocab = self.tokenizer.get_vocab()
+        self.image_pad_id = int(vocab["<|image_pad|>"])
+
+    def _find_template(self, source: str) -> str:
+        """The checkpoint's own template (chat_template.jinja / .json / tokenizer), else ours."""
+        local = Path(source)
+        if (local / "chat_template.jinja").is_file():
+            return (local / "chat_template.jinja").read_text(encoding="utf-8")
+        if (local / "chat_template.json").is_file():
+            import json
+
+            return str(json.loads((local / "chat_template.json").read_text(encoding="utf-8"))["chat_template"])
+        return str(getattr(self.tokenizer, "chat_template", None) or CHAT_TEMPLATE)
+
+    def apply_template(self, messages: list[dict[str, Any]], options: Mapping[str, Any]) -> str:
+        return str(self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                                      add_generation_prompt=True, **options))
+
+    def prepare_chat(self, messages: Sequence[Message], options: dict[str, Any]) -> Any:
+        import torch
+
+        from inference_pio.errors import InvalidRequestError
+        from inference_pio.runtime.chat import normalize_messages, render_protected
+        from inference_pio.runtime.engine import Prompt
+        from inference_pio.runtime.images import load_image
+
+        max_pixels = int(self.settings.get("max_image_pixels", 16_777_216))
+        norm = normalize_messages(messages, allow_images=True, max_images=int(self.settings.get("max_images", 8)))
+        images = [load_image(src, max_pixels=max_pixels, where=f"image {i}")
+                  for i, src in enumerate(img for m in norm for img in m.images)]
+        segments = render_protected(norm, lambda msgs: self.apply_template(msgs, options), structured_content=True)
+        pixel_inputs: dict[str, Any] = {}
+        counts: list[int] = []
+        if images:
+            try:
+                pixel_inputs = dict(self.image_processor(images=images, return_tensors="pt"))
+            except ValueError as exc:
+                raise InvalidRequestError(f"an image could not be processed: {exc}", "messages") from exc
+            merge = int(self.image_processor.merge_size) ** 2
+            counts = [int(g.prod()) // merge for g in pixel_inputs["image_grid_thw"]]
+        ids: list[int] = []
+        image_index = 0
+        for seg in segments:
+            if seg.user:
+                ids += self.tokenize(seg.text)
+                continue
+            for token in self.encode_template(seg.text):
+                if token == self.image_pad_id:
+                    if image_index >= len(counts):
+                        raise InvalidRequestError("the chat template produced more image placeholders than images",
+                                                  "messages")
+                    ids += [token] * counts[image_index]
+                    image_index += 1
+                else:
+                    ids.append(token)
+        if image_index != len(counts):
+            raise InvalidRequestError(f"{len(counts)} images but the chat template placed {image_index}", "messages")
+        if not images:
+            return Prompt(ids)
+        input_ids = torch.tensor([ids])
+        mm_types = (input_ids == self.image_pad_id).int()
+        position_ids, deltas = self.model.model.get_rope_index(
+            input_ids, mm_token_type_ids=mm_types, image_grid_thw=pixel_inputs["image_grid_thw"])
+        device, dtype = self.engine.device, self.engine.dtype
+        model_inputs = {
+            "pixel_values": pixel_inputs["pixel_values"].to(device=device, dtype=dtype),
+            "image_grid_thw": pixel_inputs["image_grid_thw"].to(device),
+            "mm_token_type_ids": mm_types.to(device),
+        }
+        return Prompt(ids, model_inputs, position_ids, int(deltas.reshape(-1)[0]))
+
+
+def create_qwen3_vl_2b_plugin() -> Qwen3VL2BPlugin:
+    """Factory named in the design document; cheap (no weights are loaded here)."""
+    return Qwen3VL2BPlugin()
