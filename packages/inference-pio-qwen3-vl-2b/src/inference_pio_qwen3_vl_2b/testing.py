@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pathlib
 
-from inference_pio_qwen3_vl_2b.template import CHAT_TEMPLATE, SPECIAL_TOKENS
+from inference_pio_qwen3_vl_2b.template import CHAT_TEMPLATE, PLAIN_TOKENS, SPECIAL_TOKENS
 
 # Qwen2's pre-tokenizer split: contractions, letters, single digits, punctuation runs, newlines, spaces.
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -25,7 +25,7 @@ def make_tiny_checkpoint(directory: str | pathlib.Path, *, seed: int = 0) -> pat
 
     path = pathlib.Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(SPECIAL_TOKENS, pretokenize_regex=QWEN_SPLIT, eos_token="<|im_end|>",
+    tokenizer = build_tokenizer(SPECIAL_TOKENS, plain_added_tokens=PLAIN_TOKENS, pretokenize_regex=QWEN_SPLIT, eos_token="<|im_end|>",
                                 pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
     vocab = tokenizer.get_vocab()
     text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import closing
 from pathlib import Path
@@ -45,6 +46,7 @@ class HFTextPlugin(TextModelPluginInterface):
         self.settings: dict[str, Any] = {}
         self.eos_ids: frozenset[int] = frozenset()
         self.source: str | None = None
+        self._added_pattern: re.Pattern[str] | None = None
 
     @property
     def metadata(self) -> ModelPluginMetadata:
@@ -149,6 +151,7 @@ class HFTextPlugin(TextModelPluginInterface):
         if self.engine is not None:
             self.engine.release()
         self.model = self.engine = self.processor = self.tokenizer = None
+        self._added_pattern = None
         gc.collect()
         if device.startswith("cuda"):
             import torch
@@ -161,8 +164,23 @@ class HFTextPlugin(TextModelPluginInterface):
 
     # -- text ---------------------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` as plain text: no added or special token (``<|im_start|>``, ``</think>``) can form.
+
+        Text is cut one character into every occurrence of an added token's string, so the
+        tokenizer's added-token matcher never sees the whole string.
+        """
         self._require_loaded()
-        return list(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+        if self._added_pattern is None:
+            added = sorted(self.tokenizer.get_added_vocab(), key=len, reverse=True)
+            self._added_pattern = re.compile("|".join(re.escape(t) for t in added)) if added else re.compile("(?!)")
+        ids: list[int] = []
+        start = 0
+        while start < len(text):
+            match = self._added_pattern.search(text, start)
+            end = len(text) if match is None else match.start() + 1
+            ids += self.tokenizer.encode(text[start:end], add_special_tokens=False, split_special_tokens=True)
+            start = end
+        return ids
 
     def encode_template(self, text: str) -> list[int]:
         """Tokenize template text, where special-token strings are real special tokens."""

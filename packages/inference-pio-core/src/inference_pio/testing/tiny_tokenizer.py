@@ -23,15 +23,19 @@ The assistant answers the user's question briefly and helpfully. Thinking step b
 def build_tokenizer(
     special_tokens: Sequence[str],
     *,
+    plain_added_tokens: Sequence[str] = (),
     vocab_size: int = 640,
     pretokenize_regex: str | None = None,
     **fast_kwargs: Any,
 ) -> Any:
     """A ``PreTrainedTokenizerFast`` with byte-level BPE and ``special_tokens`` appended after the vocabulary.
 
+    ``plain_added_tokens`` (e.g. ``<think>``) are single tokens that are not special: they survive
+    ``skip_special_tokens`` when decoding, as in the published tokenizers.
+
     ``fast_kwargs`` (eos_token, pad_token, chat_template, ...) go to ``PreTrainedTokenizerFast``.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
@@ -46,5 +50,11 @@ def build_tokenizer(
                                   show_progress=False)
     tokenizer.train_from_iterator([CORPUS] * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **fast_kwargs)
-    fast.add_special_tokens({"additional_special_tokens": list(special_tokens)})
+    ordered = [t for t in special_tokens]
+    for token in ordered:
+        if token in plain_added_tokens:
+            fast.add_tokens([AddedToken(token, special=False, normalized=False)])
+        else:
+            fast.add_tokens([AddedToken(token, special=True, normalized=False)], special_tokens=True)
+    fast.add_special_tokens({"additional_special_tokens": [t for t in ordered if t not in plain_added_tokens]})
     return fast

@@ -1,0 +1,35 @@
+"""``Glm47FlashPlugin``: what is specific to GLM-4.7-Flash on top of the shared runtime — its chat format."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from inference_pio.common.metadata import ModelPluginMetadata
+from inference_pio.runtime.hf_plugin import HFTextPlugin
+
+from inference_pio_glm_4_7_flash.metadata import METADATA
+from inference_pio_glm_4_7_flash.template import CHAT_TEMPLATE
+
+
+class Glm47FlashPlugin(HFTextPlugin):
+    """GLM-4.7-Flash: chat with thinking on (default) or off (``enable_thinking=False``)."""
+
+    METADATA: ClassVar[ModelPluginMetadata] = METADATA
+    MODEL_CLASS: ClassVar[str] = "Glm4MoeLiteForCausalLM"
+    CHAT_OPTIONS: ClassVar[frozenset[str]] = frozenset({"enable_thinking"})
+
+    def apply_template(self, messages: list[dict[str, Any]], options: Mapping[str, Any]) -> str:
+        template = getattr(self.tokenizer, "chat_template", None) or CHAT_TEMPLATE
+        thinking = options.get("enable_thinking", True)
+        if not isinstance(thinking, bool):
+            from inference_pio.errors import InvalidRequestError
+
+            raise InvalidRequestError(f"enable_thinking must be true or false, got {thinking!r}", "enable_thinking")
+        return str(self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                      add_generation_prompt=True, enable_thinking=thinking))
+
+
+def create_glm_4_7_flash_plugin() -> Glm47FlashPlugin:
+    """Factory named in the design document; cheap (no weights are loaded here)."""
+    return Glm47FlashPlugin()
