@@ -113,6 +113,9 @@ class PluginManager:
         for impl in impls:
             try:
                 impl.function(register=register)
+            except PluginLoadError:
+                if self.strict:
+                    raise
             except Exception as exc:
                 self._broken(key, source, dist, dist_version,
                              PluginLoadError(f"{source}: inference_pio_register_plugins raised "
