@@ -1,0 +1,48 @@
+"""Every hook has a test and documentation, and each hook does what its docstring says."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+from inference_pio import PluginManager
+from inference_pio.plugin_system import hookspecs
+
+ROOT = Path(__file__).resolve().parents[3]
+HOOKS = [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("inference_pio_")]
+
+
+def test_hooks_exist() -> None:
+    assert HOOKS == ["inference_pio_demo_checkpoint", "inference_pio_register_plugins"]
+
+
+def test_every_hook_is_documented_in_the_plugin_author_guide() -> None:
+    guide = (ROOT / "docs" / "plugin-authors.md").read_text()
+    for hook in HOOKS:
+        assert f"`{hook}" in guide, f"{hook} is not documented in docs/plugin-authors.md"
+
+
+def test_every_hook_has_a_test() -> None:
+    tests = Path(__file__).read_text()
+    for hook in HOOKS:
+        assert f"def test_hook_{hook.removeprefix('inference_pio_')}" in tests, f"{hook} has no test here"
+
+
+def test_hook_register_plugins(pm: PluginManager, fixture_dir: Path) -> None:
+    """A hook implementation registers name, factory and metadata through the callback."""
+    assert pm.load_plugins_from_directory(fixture_dir) == ["fixture_text"]
+    record = pm.get_record("fixture_text")
+    assert record.metadata is not None and record.metadata.name == "fixture_text"
+    assert callable(record.factory)
+
+
+def test_hook_demo_checkpoint(pm: PluginManager, fixture_dir: Path, tmp_path: Path) -> None:
+    """The first implementation that answers for the plugin returns its checkpoint path; others return None."""
+    pm.load_plugins_from_directory(fixture_dir)
+    path = pm.demo_checkpoint("fixture_text", tmp_path)
+    assert path == tmp_path / "fixture_text" and (path / "config.json").is_file()
+
+
+def test_entry_point_plugins_answer_only_for_their_own_names(pm: PluginManager, tmp_path: Path) -> None:
+    pm.list_plugins()
+    assert pm._pm.hook.inference_pio_demo_checkpoint(plugin_name="not_a_plugin", directory=tmp_path) is None
