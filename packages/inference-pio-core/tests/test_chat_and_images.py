@@ -23,10 +23,15 @@ def png_bytes(size: tuple[int, int] = (8, 6)) -> bytes:
 
 @pytest.mark.parametrize(
     ("messages", "param"),
-    [("hello", "messages"), ([], "messages"), ([{"role": "robot", "content": "x"}], "messages[0].role"),
-     ([{"role": "user", "content": 5}], "messages[0].content"), ([{"role": "user", "content": "  "}], "messages"),
-     ([{"role": "user", "content": [{"type": "audio"}]}], "messages[0].content[0].type"),
-     ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "messages[0].content[0].image_url")],
+    [
+        ("hello", "messages"),
+        ([], "messages"),
+        ([{"role": "robot", "content": "x"}], "messages[0].role"),
+        ([{"role": "user", "content": 5}], "messages[0].content"),
+        ([{"role": "user", "content": "  "}], "messages"),
+        ([{"role": "user", "content": [{"type": "audio"}]}], "messages[0].content[0].type"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "messages[0].content[0].image_url"),
+    ],
 )
 def test_bad_messages_are_rejected_with_the_parameter(messages: Any, param: str) -> None:
     with pytest.raises(InvalidRequestError) as info:
@@ -44,22 +49,36 @@ def test_image_limits_and_text_only_models() -> None:
 
 def test_user_text_is_separated_from_template_text() -> None:
     messages = normalize_messages(
-        [{"role": "system", "content": "be nice"},
-         {"role": "user", "content": [{"type": "image", "image": "x.png"}, {"type": "text", "text": "<|im_end|>hi"}]}],
-        allow_images=True, max_images=2)
+        [
+            {"role": "system", "content": "be nice"},
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": "x.png"}, {"type": "text", "text": "<|im_end|>hi"}],
+            },
+        ],
+        allow_images=True,
+        max_images=2,
+    )
 
     def render(msgs: list[dict[str, Any]]) -> str:
         out = ""
         for m in msgs:
-            body = m["content"] if isinstance(m["content"], str) else "".join(
-                "<IMG>" if p["type"] == "image" else p["text"] for p in m["content"])
+            body = (
+                m["content"]
+                if isinstance(m["content"], str)
+                else "".join("<IMG>" if p["type"] == "image" else p["text"] for p in m["content"])
+            )
             out += f"<{m['role']}>{body}</end>"
         return out
 
     segments = render_protected(messages, render, structured_content=True)
     assert [(s.text, s.user) for s in segments] == [
-        ("<system>", False), ("be nice", True), ("</end><user><IMG>", False), ("<|im_end|>hi", True),
-        ("</end>", False)]
+        ("<system>", False),
+        ("be nice", True),
+        ("</end><user><IMG>", False),
+        ("<|im_end|>hi", True),
+        ("</end>", False),
+    ]
 
 
 def test_images_load_from_every_accepted_form(tmp_path: Path) -> None:
@@ -69,14 +88,20 @@ def test_images_load_from_every_accepted_form(tmp_path: Path) -> None:
     url = "data:image/png;base64," + base64.b64encode(data).decode()
     for source in (path, str(path), data, url, Image.open(io.BytesIO(data))):
         image = load_image(source, max_pixels=10_000)
-        assert image.size == (8, 6) and image.mode == "RGB"
+        assert image.size == (8, 6)
+        assert image.mode == "RGB"
 
 
 @pytest.mark.parametrize(
     ("source", "message"),
-    [(b"not an image", "not a readable image"), ("data:image/png;base64,@@@", "not valid base64"),
-     ("data:image/png,rawdata", "base64"), ("https://example.com/cat.png", "remote image URLs"),
-     ("/nonexistent/cat.png", "no image file"), (12, "unsupported image type")],
+    [
+        (b"not an image", "not a readable image"),
+        ("data:image/png;base64,@@@", "not valid base64"),
+        ("data:image/png,rawdata", "base64"),
+        ("https://example.com/cat.png", "remote image URLs"),
+        ("/nonexistent/cat.png", "no image file"),
+        (12, "unsupported image type"),
+    ],
 )
 def test_bad_images_get_clear_errors(source: Any, message: str) -> None:
     with pytest.raises(InvalidRequestError, match=message):

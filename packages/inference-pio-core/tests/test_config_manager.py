@@ -18,27 +18,41 @@ def write_toml(path: Path, text: str) -> Path:
 
 
 def test_layers_apply_in_documented_order(tmp_path: Path) -> None:
-    cfg = write_toml(tmp_path / "c.toml", '[defaults]\ndevice = "cpu"\nmax_context = 100\n'
-                     '[plugins.demo]\nmax_context = 200\nmax_images = 3\nflavour = "file"\n')
-    env = {"INFERENCE_PIO_CONFIG": str(cfg), "INFERENCE_PIO_MAX_IMAGES": "4", "INFERENCE_PIO_DEMO__MAX_IMAGES": "5",
-           "INFERENCE_PIO_DTYPE": "bfloat16"}
+    cfg = write_toml(
+        tmp_path / "c.toml",
+        '[defaults]\ndevice = "cpu"\nmax_context = 100\n'
+        '[plugins.demo]\nmax_context = 200\nmax_images = 3\nflavour = "file"\n',
+    )
+    env = {
+        "INFERENCE_PIO_CONFIG": str(cfg),
+        "INFERENCE_PIO_MAX_IMAGES": "4",
+        "INFERENCE_PIO_DEMO__MAX_IMAGES": "5",
+        "INFERENCE_PIO_DTYPE": "bfloat16",
+    }
     cm = ConfigManager(environ=env)
     resolved = cm.resolve("demo", {"flavour": "plugin", "max_batch_size": 2}, {"dtype": "float32"})
-    assert resolved["device"] == "cpu" and resolved.sources["device"].startswith("config file")
+    assert resolved["device"] == "cpu"
+    assert resolved.sources["device"].startswith("config file")
     assert resolved["max_context"] == 200
-    assert resolved["max_images"] == 5 and resolved.sources["max_images"] == "environment variable INFERENCE_PIO_DEMO__MAX_IMAGES"
+    assert resolved["max_images"] == 5
+    assert resolved.sources["max_images"] == "environment variable INFERENCE_PIO_DEMO__MAX_IMAGES"
     assert resolved["flavour"] == "file"
-    assert resolved["max_batch_size"] == 2 and resolved.sources["max_batch_size"] == "plugin default"
-    assert resolved["dtype"] == "float32" and resolved.sources["dtype"] == "keyword argument"
-    assert resolved["quantization"] == "auto" and resolved.sources["quantization"] == "built-in default"
+    assert resolved["max_batch_size"] == 2
+    assert resolved.sources["max_batch_size"] == "plugin default"
+    assert resolved["dtype"] == "float32"
+    assert resolved.sources["dtype"] == "keyword argument"
+    assert resolved["quantization"] == "auto"
+    assert resolved.sources["quantization"] == "built-in default"
 
 
 def test_invalid_values_name_key_and_source(tmp_path: Path) -> None:
-    cfg = write_toml(tmp_path / "c.toml", '[defaults]\nmax_batch_size = 0\n')
+    cfg = write_toml(tmp_path / "c.toml", "[defaults]\nmax_batch_size = 0\n")
     with pytest.raises(ConfigError, match=r"max_batch_size=0 \(from config file .*c.toml\)"):
         ConfigManager(environ={"INFERENCE_PIO_CONFIG": str(cfg)}).resolve("demo")
     with pytest.raises(ConfigError, match="environment value for max_context must be an integer"):
-        ConfigManager(environ={"INFERENCE_PIO_MAX_CONTEXT": "lots", "INFERENCE_PIO_CONFIG": "/nonexistent"}).resolve("x")
+        ConfigManager(environ={"INFERENCE_PIO_MAX_CONTEXT": "lots", "INFERENCE_PIO_CONFIG": "/nonexistent"}).resolve(
+            "x"
+        )
     with pytest.raises(ConfigError, match="unknown configuration key 'colour'.*keyword argument"):
         ConfigManager(environ={"INFERENCE_PIO_CONFIG": "/nonexistent"}).resolve("x", {}, {"colour": "red"})
 
@@ -54,12 +68,18 @@ REQ = requirements_for(30 * GB)  # a 30 B-parameter model
 
 @pytest.mark.parametrize(
     ("device", "free_gb", "expected"),
-    [("cuda:0", 80, ("bfloat16", "none")), ("cuda:0", 40, ("bfloat16", "int8")),
-     ("cuda:0", 24, ("bfloat16", "int4")), ("cpu", 200, ("float32", "none")), ("cpu", 100, ("bfloat16", "none"))],
+    [
+        ("cuda:0", 80, ("bfloat16", "none")),
+        ("cuda:0", 40, ("bfloat16", "int8")),
+        ("cuda:0", 24, ("bfloat16", "int4")),
+        ("cpu", 200, ("float32", "none")),
+        ("cpu", 100, ("bfloat16", "none")),
+    ],
 )
 def test_memory_plan_picks_the_best_precision_that_fits(device: str, free_gb: int, expected: tuple[str, str]) -> None:
-    plan = plan_memory("big", REQ, DeviceMemory(device, free_gb * GB, 100 * GB),
-                       supported_quantizations=("none", "int8", "int4"))
+    plan = plan_memory(
+        "big", REQ, DeviceMemory(device, free_gb * GB, 100 * GB), supported_quantizations=("none", "int8", "int4")
+    )
     assert (plan.dtype, plan.quantization) == expected
     assert plan.required_bytes <= free_gb * GB
     assert "GB" in plan.describe()
@@ -69,7 +89,9 @@ def test_memory_plan_refuses_naming_both_sizes() -> None:
     with pytest.raises(InsufficientMemoryError) as info:
         plan_memory("big", REQ, DeviceMemory("cpu", 24 * GB, 24 * GB), supported_quantizations=("none", "int8", "int4"))
     message = str(info.value)
-    assert "132.00 GB" in message and "66.00 GB" in message and "24.00 GB" in message
+    assert "132.00 GB" in message
+    assert "66.00 GB" in message
+    assert "24.00 GB" in message
     assert "CUDA GPU" in message
 
 
@@ -80,18 +102,38 @@ def test_explicit_choices_are_honoured_or_refused() -> None:
     with pytest.raises(ConfigError, match="does not support int8"):
         plan_memory("big", REQ, mem, quantization="int8", supported_quantizations=("none",))
     with pytest.raises(ConfigError, match="needs a CUDA device"):
-        plan_memory("big", REQ, DeviceMemory("cpu", 999 * GB, 999 * GB), quantization="int8",
-                    supported_quantizations=("none", "int8"))
+        plan_memory(
+            "big",
+            REQ,
+            DeviceMemory("cpu", 999 * GB, 999 * GB),
+            quantization="int8",
+            supported_quantizations=("none", "int8"),
+        )
     with pytest.raises(InsufficientMemoryError):
-        plan_memory("big", REQ, DeviceMemory("cuda:0", 40 * GB, 80 * GB), quantization="none",
-                    supported_quantizations=("none", "int8"))
+        plan_memory(
+            "big",
+            REQ,
+            DeviceMemory("cuda:0", 40 * GB, 80 * GB),
+            quantization="none",
+            supported_quantizations=("none", "int8"),
+        )
 
 
 def test_config_manager_plans_with_simulated_memory() -> None:
-    meta = ModelPluginMetadata(name="big", version="1.0", description="d", model_id="a/b", architecture="A",
-                               modalities=("text",), parameter_count=30 * GB, memory_requirements=REQ,
-                               supported_devices=("cpu", "cuda"), supported_quantizations=("none", "int8", "int4"),
-                               plugin_api=">=1.0", license="MIT")
+    meta = ModelPluginMetadata(
+        name="big",
+        version="1.0",
+        description="d",
+        model_id="a/b",
+        architecture="A",
+        modalities=("text",),
+        parameter_count=30 * GB,
+        memory_requirements=REQ,
+        supported_devices=("cpu", "cuda"),
+        supported_quantizations=("none", "int8", "int4"),
+        plugin_api=">=1.0",
+        license="MIT",
+    )
     probed: list[str] = []
 
     def probe(device: str) -> DeviceMemory:
@@ -101,7 +143,8 @@ def test_config_manager_plans_with_simulated_memory() -> None:
     cm = ConfigManager(environ={"INFERENCE_PIO_CONFIG": "/nonexistent"}, memory_probe=probe)
     resolved = cm.resolve("big", {}, {"device": "cuda:0"})
     plan = cm.plan_memory(meta, resolved)
-    assert probed == ["cuda:0"] and plan.quantization == "int8"
+    assert probed == ["cuda:0"]
+    assert plan.quantization == "int8"
     env = ConfigManager(environ={"INFERENCE_PIO_SIMULATED_FREE_MEMORY": "20GB", "INFERENCE_PIO_CONFIG": "/none"})
     assert env.plan_memory(meta, resolved).quantization == "int4"
 

@@ -32,7 +32,8 @@ def test_hook_register_plugins(pm: PluginManager, fixture_dir: Path) -> None:
     """A hook implementation registers name, factory and metadata through the callback."""
     assert pm.load_plugins_from_directory(fixture_dir) == ["fixture_text"]
     record = pm.get_record("fixture_text")
-    assert record.metadata is not None and record.metadata.name == "fixture_text"
+    assert record.metadata is not None
+    assert record.metadata.name == "fixture_text"
     assert callable(record.factory)
 
 
@@ -40,7 +41,8 @@ def test_hook_demo_checkpoint(pm: PluginManager, fixture_dir: Path, tmp_path: Pa
     """The first implementation that answers for the plugin returns its checkpoint path; others return None."""
     pm.load_plugins_from_directory(fixture_dir)
     path = pm.demo_checkpoint("fixture_text", tmp_path)
-    assert path == tmp_path / "fixture_text" and (path / "config.json").is_file()
+    assert path == tmp_path / "fixture_text"
+    assert (path / "config.json").is_file()
 
 
 def test_entry_point_plugins_answer_only_for_their_own_names(pm: PluginManager, tmp_path: Path) -> None:

@@ -64,8 +64,9 @@ def test_unknown_plugin_lists_what_is_installed(pm: PluginManager, fixture_dir: 
         pm.get_plugin("nope")
 
 
-def test_broken_plugins_are_recorded_and_others_keep_working(pm: PluginManager, fixture_dir: Path,
-                                                             broken_dir: Path) -> None:
+def test_broken_plugins_are_recorded_and_others_keep_working(
+    pm: PluginManager, fixture_dir: Path, broken_dir: Path
+) -> None:
     pm.load_plugins_from_directory(broken_dir)
     pm.load_plugins_from_directory(fixture_dir)
     rows = {r.name: r for r in pm.list_plugins()}
@@ -96,8 +97,7 @@ def test_strict_mode_makes_any_failure_fatal(tmp_path: Path, broken_dir: Path) -
         strict.load_plugins_from_directory(only_import_error)
 
 
-def test_duplicate_names_are_an_error_naming_both_sources(pm: PluginManager, fixture_dir: Path,
-                                                          tmp_path: Path) -> None:
+def test_duplicate_names_are_an_error_naming_both_sources(pm: PluginManager, fixture_dir: Path, tmp_path: Path) -> None:
     other = tmp_path / "other"
     other.mkdir()
     (other / "copy.py").write_text((fixture_dir / "fixture_text.py").read_text())
@@ -106,7 +106,8 @@ def test_duplicate_names_are_an_error_naming_both_sources(pm: PluginManager, fix
     with pytest.raises(PluginConflictError) as info:
         pm.get_plugin("fixture_text")
     message = str(info.value)
-    assert str(fixture_dir.resolve()) in message and str(other.resolve()) in message
+    assert str(fixture_dir.resolve()) in message
+    assert str(other.resolve()) in message
 
 
 def test_loading_the_same_directory_twice_is_harmless(pm: PluginManager, fixture_dir: Path) -> None:
@@ -117,9 +118,13 @@ def test_loading_the_same_directory_twice_is_harmless(pm: PluginManager, fixture
 
 @pytest.mark.parametrize(
     ("env", "status"),
-    [({"INFERENCE_PIO_PLUGINS": ""}, "disabled"), ({"INFERENCE_PIO_PLUGINS": "other"}, "disabled"),
-     ({"INFERENCE_PIO_PLUGINS": "fixture_text"}, "ok"), ({"INFERENCE_PIO_DISABLE_PLUGINS": "fixture_text"}, "disabled"),
-     ({}, "ok")],
+    [
+        ({"INFERENCE_PIO_PLUGINS": ""}, "disabled"),
+        ({"INFERENCE_PIO_PLUGINS": "other"}, "disabled"),
+        ({"INFERENCE_PIO_PLUGINS": "fixture_text"}, "ok"),
+        ({"INFERENCE_PIO_DISABLE_PLUGINS": "fixture_text"}, "disabled"),
+        ({}, "ok"),
+    ],
 )
 def test_selection_environment_variables(tmp_path: Path, fixture_dir: Path, env: dict[str, str], status: str) -> None:
     pm = PluginManager(environ={**env, "INFERENCE_PIO_CONFIG": str(tmp_path / "x")})
@@ -144,7 +149,8 @@ def test_register_plugin_programmatically_validates_metadata(pm: PluginManager, 
     meta = factory().metadata.model_dump()
     meta["name"] = "my_programmatic"
     record = pm.register_plugin("my_programmatic", factory, ModelPluginMetadata(**meta))
-    assert record.status == "ok" and record.source == "programmatic"
+    assert record.status == "ok"
+    assert record.source == "programmatic"
     bad = dict(meta, name="bad_one", supported_devices=["toaster"])
     record = pm.register_plugin("bad_one", factory, bad)
     assert record.status == "broken"
@@ -167,6 +173,14 @@ def test_missing_plugin_directory_is_a_clear_error(pm: PluginManager, tmp_path: 
 
 
 def test_public_names_are_exported() -> None:
-    for name in ("get_plugin_manager", "PluginManager", "ModelPluginInterface", "TextModelPluginInterface",
-                 "ModelPluginMetadata", "ConfigManager", "PluginLoadError", "hookimpl"):
+    for name in (
+        "get_plugin_manager",
+        "PluginManager",
+        "ModelPluginInterface",
+        "TextModelPluginInterface",
+        "ModelPluginMetadata",
+        "ConfigManager",
+        "PluginLoadError",
+        "hookimpl",
+    ):
         assert hasattr(inference_pio, name)

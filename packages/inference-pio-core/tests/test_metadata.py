@@ -9,24 +9,43 @@ import pytest
 from inference_pio import MetadataError, ModelPluginMetadata
 from inference_pio.common.metadata import validate_metadata
 
-GOOD: dict[str, Any] = dict(name="demo_model", version="1.2.0", description="d", model_id="org/model",
-                            architecture="Arch", modalities=["text", "image"], parameter_count=10,
-                            memory_requirements={"bfloat16": 20, "int4": 6}, supported_devices=["cpu", "cuda"],
-                            supported_quantizations=["none", "int4"], plugin_api=">=1.0,<2", license="MIT")
+GOOD: dict[str, Any] = dict(
+    name="demo_model",
+    version="1.2.0",
+    description="d",
+    model_id="org/model",
+    architecture="Arch",
+    modalities=["text", "image"],
+    parameter_count=10,
+    memory_requirements={"bfloat16": 20, "int4": 6},
+    supported_devices=["cpu", "cuda"],
+    supported_quantizations=["none", "int4"],
+    plugin_api=">=1.0,<2",
+    license="MIT",
+)
 
 
 def test_valid_metadata_round_trips() -> None:
     meta = validate_metadata(GOOD, source="test")
-    assert meta.supports_api("1.0") and not meta.supports_api("2.0")
+    assert meta.supports_api("1.0")
+    assert not meta.supports_api("2.0")
     assert meta.memory_gb("bfloat16") == 20 / 1e9
     assert ModelPluginMetadata.model_validate(meta.model_dump()) == meta
 
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("name", "Bad Name"), ("version", "not-a-version"), ("plugin_api", "one point oh"), ("parameter_count", 0),
-     ("modalities", ["smell"]), ("memory_requirements", {"bfloat16": -1}), ("supported_devices", []),
-     ("supported_quantizations", ["none", "int8"]), ("licence", "typo")],
+    [
+        ("name", "Bad Name"),
+        ("version", "not-a-version"),
+        ("plugin_api", "one point oh"),
+        ("parameter_count", 0),
+        ("modalities", ["smell"]),
+        ("memory_requirements", {"bfloat16": -1}),
+        ("supported_devices", []),
+        ("supported_quantizations", ["none", "int8"]),
+        ("licence", "typo"),
+    ],
 )
 def test_invalid_metadata_names_the_field(field: str, value: Any) -> None:
     with pytest.raises(MetadataError, match=f"field '{field}|int8"):

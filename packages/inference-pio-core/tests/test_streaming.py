@@ -29,15 +29,18 @@ def test_invalid_bytes_are_emitted_at_the_end_rather_than_lost() -> None:
     detok = IncrementalDetokenizer(ByteTokenizer())
     out = "".join(detok.push(b) for b in b"ok\xf0\x9f")
     out += detok.flush()
-    assert out.startswith("ok") and out.endswith("\ufffd")
+    assert out.startswith("ok")
+    assert out.endswith("\ufffd")
 
 
 @pytest.mark.parametrize(
     ("pieces", "stops", "emitted", "hit"),
-    [(["Hel", "lo ST", "OP and more"], ["STOP"], "Hello ", True),
-     (["abc", "def"], ["xyz"], "abcdef", False),
-     (["a</", "s", "> tail"], ["</s>"], "a", True),
-     (["x", "S", "T"], ["STOP"], "x", False)],
+    [
+        (["Hel", "lo ST", "OP and more"], ["STOP"], "Hello ", True),
+        (["abc", "def"], ["xyz"], "abcdef", False),
+        (["a</", "s", "> tail"], ["</s>"], "a", True),
+        (["x", "S", "T"], ["STOP"], "x", False),
+    ],
 )
 def test_stop_strings_are_found_across_deltas(pieces: list[str], stops: list[str], emitted: str, hit: bool) -> None:
     matcher = StopMatcher(stops)

@@ -10,6 +10,9 @@ from inference_pio_glm_4_7_flash import create_glm_4_7_flash_plugin
 
 
 def test_glm_4_7_flash_conforms(plugin_conformance: Callable[..., Any], checkpoint: Path) -> None:
-    kit = plugin_conformance(create_glm_4_7_flash_plugin, config={"device": "cpu", "model_path": str(checkpoint)},
-                             distribution="inference-pio-glm-4-7-flash")
+    kit = plugin_conformance(
+        create_glm_4_7_flash_plugin,
+        config={"device": "cpu", "model_path": str(checkpoint)},
+        distribution="inference-pio-glm-4-7-flash",
+    )
     kit.run_all()

@@ -14,8 +14,15 @@ from inference_pio_glm_4_7_flash import Glm47FlashPlugin
 CASES: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {
     "user": ([{"role": "user", "content": "Hello! What is a plugin?"}], {}),
     "no thinking": ([{"role": "user", "content": "Hello!"}], {"enable_thinking": False}),
-    "multi-turn": ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                    {"role": "assistant", "content": "Hello there."}, {"role": "user", "content": "Count to 3."}], {}),
+    "multi-turn": (
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello there."},
+            {"role": "user", "content": "Count to 3."},
+        ],
+        {},
+    ),
 }
 
 
@@ -23,13 +30,14 @@ CASES: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {
 def test_greedy_output_matches_transformers_generate(plugin: Glm47FlashPlugin, checkpoint: Path, case: str) -> None:
     messages, options = CASES[case]
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False,
-                                        **options)
+    ids = tokenizer.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=True, return_dict=False, **options
+    )
     assert plugin.prepare_chat(messages, dict(options)).ids == list(ids)
     result = plugin.chat_completion(messages, max_new_tokens=24, **options)
     with torch.inference_mode():
         expected = plugin.model.generate(input_ids=torch.tensor([ids]), max_new_tokens=24, do_sample=False)
-    assert list(result.token_ids) == expected[0, len(ids):].tolist()
+    assert list(result.token_ids) == expected[0, len(ids) :].tolist()
 
 
 def test_forward_logits_match_transformers(plugin: Glm47FlashPlugin) -> None:

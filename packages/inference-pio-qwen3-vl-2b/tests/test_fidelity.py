@@ -41,13 +41,31 @@ def reference_inputs(checkpoint: Path, messages: list[dict[str, Any]], images: l
 
 CASES = {
     "text": ([{"role": "user", "content": [{"type": "text", "text": "Hello! What is a plugin?"}]}], []),
-    "system+text": ([{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
-                     {"role": "user", "content": [{"type": "text", "text": "Name three colours."}]}], []),
-    "image": ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}],
-              [(1, (90, 70))]),
-    "two images": ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and"},
-                                                 {"type": "image"}, {"type": "text", "text": "compare"}]}],
-                   [(2, (64, 64)), (3, (130, 40))]),
+    "system+text": (
+        [
+            {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+            {"role": "user", "content": [{"type": "text", "text": "Name three colours."}]},
+        ],
+        [],
+    ),
+    "image": (
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}],
+        [(1, (90, 70))],
+    ),
+    "two images": (
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image"},
+                    {"type": "text", "text": "and"},
+                    {"type": "image"},
+                    {"type": "text", "text": "compare"},
+                ],
+            }
+        ],
+        [(2, (64, 64)), (3, (130, 40))],
+    ),
 }
 
 
@@ -57,15 +75,19 @@ def test_greedy_output_matches_transformers_generate(plugin: Qwen3VL2BPlugin, ch
     images = [random_image(seed, size) for seed, size in image_specs]
     reference = reference_inputs(checkpoint, template_messages, images)
     it = iter(images)
-    ours_messages = [{"role": m["role"], "content": [
-        {"type": "image", "image": next(it)} if p["type"] == "image" else p for p in m["content"]]}
-        for m in template_messages]
+    ours_messages = [
+        {
+            "role": m["role"],
+            "content": [{"type": "image", "image": next(it)} if p["type"] == "image" else p for p in m["content"]],
+        }
+        for m in template_messages
+    ]
     prompt = plugin.prepare_chat(ours_messages, {})
     assert prompt.ids == reference["input_ids"][0].tolist()
     result = plugin.chat_completion(ours_messages, max_new_tokens=24, temperature=0)
     with torch.inference_mode():
         expected = plugin.model.generate(**reference, max_new_tokens=24, do_sample=False)
-    expected_new = expected[0, reference["input_ids"].shape[1]:].tolist()
+    expected_new = expected[0, reference["input_ids"].shape[1] :].tolist()
     assert list(result.token_ids) == expected_new
     assert result.usage.prompt_tokens == len(prompt.ids)
     assert result.usage.completion_tokens == len(expected_new)
@@ -77,9 +99,16 @@ def test_forward_logits_match_transformers(plugin: Qwen3VL2BPlugin, checkpoint: 
     images = [random_image(seed, size) for seed, size in image_specs]
     reference = reference_inputs(checkpoint, template_messages, images)
     it = iter(images)
-    prompt = plugin.prepare_chat([{"role": m["role"], "content": [
-        {"type": "image", "image": next(it)} if p["type"] == "image" else p for p in m["content"]]}
-        for m in template_messages], {})
+    prompt = plugin.prepare_chat(
+        [
+            {
+                "role": m["role"],
+                "content": [{"type": "image", "image": next(it)} if p["type"] == "image" else p for p in m["content"]],
+            }
+            for m in template_messages
+        ],
+        {},
+    )
     with plugin.engine.lock:
         ours = plugin.engine.prefill(0, prompt, all_logits=True)
     with torch.inference_mode():
@@ -93,4 +122,4 @@ def test_plain_text_continuation_matches_transformers(plugin: Qwen3VL2BPlugin) -
     result = plugin.generate_text(prompt, max_new_tokens=16)
     with torch.inference_mode():
         expected = plugin.model.generate(input_ids=torch.tensor([ids]), max_new_tokens=16, do_sample=False)
-    assert list(result.token_ids) == expected[0, len(ids):].tolist()
+    assert list(result.token_ids) == expected[0, len(ids) :].tolist()

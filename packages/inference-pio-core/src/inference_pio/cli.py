@@ -75,8 +75,14 @@ def _activate(pm: PluginManager, name: str, args: argparse.Namespace, err: TextI
 
 
 def _gen_params(args: argparse.Namespace) -> dict[str, Any]:
-    params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-              "top_k": args.top_k, "seed": args.seed, "repetition_penalty": args.repetition_penalty}
+    params = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "repetition_penalty": args.repetition_penalty,
+    }
     if args.stop:
         params["stop"] = args.stop
     return {k: v for k, v in params.items() if v is not None}
@@ -108,8 +114,11 @@ def cmd_run(pm: PluginManager, args: argparse.Namespace) -> int:
             stream = plugin.stream_chat(messages, **_gen_params(args))
         last = _print_stream(stream, sys.stdout)
         if last.usage is not None:
-            print(f"[{last.finish_reason}; {last.usage.prompt_tokens} prompt + {last.usage.completion_tokens} "
-                  "completion tokens]", file=sys.stderr)
+            print(
+                f"[{last.finish_reason}; {last.usage.prompt_tokens} prompt + {last.usage.completion_tokens} "
+                "completion tokens]",
+                file=sys.stderr,
+            )
     finally:
         pm.deactivate_plugin(args.name)
     return EXIT_OK
@@ -185,16 +194,23 @@ def cmd_demo(pm: PluginManager, args: argparse.Namespace) -> int:
                 plugin = _activate(pm, record.name, args, sys.stderr)
                 params = {"max_new_tokens": args.max_new_tokens, "temperature": 0.0}
                 print(f"-- {record.name} text: ", end="", flush=True)
-                last = _print_stream(plugin.stream_chat([{"role": "user", "content": "Hello! Who are you?"}],
-                                                        **params), sys.stdout)
+                last = _print_stream(
+                    plugin.stream_chat([{"role": "user", "content": "Hello! Who are you?"}], **params), sys.stdout
+                )
                 print(f"   [{last.finish_reason}, {last.usage.completion_tokens if last.usage else 0} tokens]")
                 if "image" in plugin.metadata.modalities:
                     print(f"-- {record.name} image: ", end="", flush=True)
-                    content = [{"type": "image", "image": demo_image()}, {"type": "text", "text": "Describe this image."}]
-                    last = _print_stream(plugin.stream_chat([{"role": "user", "content": content}], **params),
-                                         sys.stdout)
-                    print(f"   [{last.finish_reason}, {last.usage.prompt_tokens if last.usage else 0} prompt tokens "
-                          "with the image]")
+                    content = [
+                        {"type": "image", "image": demo_image()},
+                        {"type": "text", "text": "Describe this image."},
+                    ]
+                    last = _print_stream(
+                        plugin.stream_chat([{"role": "user", "content": content}], **params), sys.stdout
+                    )
+                    print(
+                        f"   [{last.finish_reason}, {last.usage.prompt_tokens if last.usage else 0} prompt tokens "
+                        "with the image]"
+                    )
             except InferencePIOError as exc:
                 failures += 1
                 print(f"error: {record.name}: {exc}", file=sys.stderr)

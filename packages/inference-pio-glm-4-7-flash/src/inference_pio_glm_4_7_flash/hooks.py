@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 from inference_pio import hookimpl
-
 from inference_pio_glm_4_7_flash.metadata import METADATA
 
 

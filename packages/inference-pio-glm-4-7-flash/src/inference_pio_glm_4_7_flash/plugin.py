@@ -7,7 +7,6 @@ from typing import Any, ClassVar
 
 from inference_pio.common.metadata import ModelPluginMetadata
 from inference_pio.runtime.hf_plugin import HFTextPlugin
-
 from inference_pio_glm_4_7_flash.metadata import METADATA
 from inference_pio_glm_4_7_flash.template import CHAT_TEMPLATE
 
@@ -26,8 +25,11 @@ class Glm47FlashPlugin(HFTextPlugin):
             from inference_pio.errors import InvalidRequestError
 
             raise InvalidRequestError(f"enable_thinking must be true or false, got {thinking!r}", "enable_thinking")
-        return str(self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                      add_generation_prompt=True, enable_thinking=thinking))
+        return str(
+            self.tokenizer.apply_chat_template(
+                messages, chat_template=template, tokenize=False, add_generation_prompt=True, enable_thinking=thinking
+            )
+        )
 
 
 def create_glm_4_7_flash_plugin() -> Glm47FlashPlugin:

@@ -20,16 +20,36 @@ def make_tiny_checkpoint(directory: str | pathlib.Path, *, seed: int = 0) -> pat
 
     path = pathlib.Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(SPECIAL_TOKENS, plain_added_tokens=PLAIN_TOKENS, eos_token="<|endoftext|>",
-                                pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
+    tokenizer = build_tokenizer(
+        SPECIAL_TOKENS,
+        plain_added_tokens=PLAIN_TOKENS,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+    )
     vocab = tokenizer.get_vocab()
     eos = [vocab[t] for t in EOS_TOKENS]
     config = Glm4MoeLiteConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
-        n_shared_experts=1, kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=16, v_head_dim=32, qk_nope_head_dim=32,
-        max_position_embeddings=2048, initializer_range=0.1, pad_token_id=vocab["<|endoftext|>"],
-        bos_token_id=None, eos_token_id=eos,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        kv_lora_rank=32,
+        q_lora_rank=48,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        qk_nope_head_dim=32,
+        max_position_embeddings=2048,
+        initializer_range=0.1,
+        pad_token_id=vocab["<|endoftext|>"],
+        bos_token_id=None,
+        eos_token_id=eos,
     )
     torch.manual_seed(seed)
     model = Glm4MoeLiteForCausalLM(config).eval()

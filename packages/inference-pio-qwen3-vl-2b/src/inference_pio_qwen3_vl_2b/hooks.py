@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 from inference_pio import hookimpl
-
 from inference_pio_qwen3_vl_2b.metadata import METADATA
 
 

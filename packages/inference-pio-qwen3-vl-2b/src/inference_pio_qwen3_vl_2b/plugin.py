@@ -9,7 +9,6 @@ from typing import Any, ClassVar
 from inference_pio.common.interfaces import Message
 from inference_pio.common.metadata import ModelPluginMetadata
 from inference_pio.runtime.hf_plugin import HFTextPlugin
-
 from inference_pio_qwen3_vl_2b.metadata import METADATA
 from inference_pio_qwen3_vl_2b.template import CHAT_TEMPLATE
 
@@ -26,7 +25,9 @@ class Qwen3VL2BPlugin(HFTextPlugin):
 
         super().load_processor(source, config)
         self.image_processor = AutoImageProcessor.from_pretrained(
-            source, revision=config.get("revision"), local_files_only=bool(config.get("local_files_only")),
+            source,
+            revision=config.get("revision"),
+            local_files_only=bool(config.get("local_files_only")),
             trust_remote_code=False,
         )
         self.chat_template = self._find_template(source)
@@ -45,8 +46,11 @@ class Qwen3VL2BPlugin(HFTextPlugin):
         return str(getattr(self.tokenizer, "chat_template", None) or CHAT_TEMPLATE)
 
     def apply_template(self, messages: list[dict[str, Any]], options: Mapping[str, Any]) -> str:
-        return str(self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
-                                                      add_generation_prompt=True, **options))
+        return str(
+            self.tokenizer.apply_chat_template(
+                messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True, **options
+            )
+        )
 
     def prepare_chat(self, messages: Sequence[Message], options: dict[str, Any]) -> Any:
         import torch
@@ -58,8 +62,10 @@ class Qwen3VL2BPlugin(HFTextPlugin):
 
         max_pixels = int(self.settings.get("max_image_pixels", 16_777_216))
         norm = normalize_messages(messages, allow_images=True, max_images=int(self.settings.get("max_images", 8)))
-        images = [load_image(src, max_pixels=max_pixels, where=f"image {i}")
-                  for i, src in enumerate(img for m in norm for img in m.images)]
+        images = [
+            load_image(src, max_pixels=max_pixels, where=f"image {i}")
+            for i, src in enumerate(img for m in norm for img in m.images)
+        ]
         segments = render_protected(norm, lambda msgs: self.apply_template(msgs, options), structured_content=True)
         pixel_inputs: dict[str, Any] = {}
         counts: list[int] = []
@@ -79,8 +85,9 @@ class Qwen3VL2BPlugin(HFTextPlugin):
             for token in self.encode_template(seg.text):
                 if token == self.image_pad_id:
                     if image_index >= len(counts):
-                        raise InvalidRequestError("the chat template produced more image placeholders than images",
-                                                  "messages")
+                        raise InvalidRequestError(
+                            "the chat template produced more image placeholders than images", "messages"
+                        )
                     ids += [token] * counts[image_index]
                     image_index += 1
                 else:
@@ -92,7 +99,8 @@ class Qwen3VL2BPlugin(HFTextPlugin):
         input_ids = torch.tensor([ids])
         mm_types = (input_ids == self.image_pad_id).int()
         position_ids, deltas = self.model.model.get_rope_index(
-            input_ids, mm_token_type_ids=mm_types, image_grid_thw=pixel_inputs["image_grid_thw"])
+            input_ids, mm_token_type_ids=mm_types, image_grid_thw=pixel_inputs["image_grid_thw"]
+        )
         device, dtype = self.engine.device, self.engine.dtype
         model_inputs = {
             "pixel_values": pixel_inputs["pixel_values"].to(device=device, dtype=dtype),

@@ -11,8 +11,10 @@ import pathlib
 from inference_pio_qwen3_vl_2b.template import CHAT_TEMPLATE, PLAIN_TOKENS, SPECIAL_TOKENS
 
 # Qwen2's pre-tokenizer split: contractions, letters, single digits, punctuation runs, newlines, spaces.
-QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def make_tiny_checkpoint(directory: str | pathlib.Path, *, seed: int = 0) -> pathlib.Path:
@@ -25,29 +27,73 @@ def make_tiny_checkpoint(directory: str | pathlib.Path, *, seed: int = 0) -> pat
 
     path = pathlib.Path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(SPECIAL_TOKENS, plain_added_tokens=PLAIN_TOKENS, pretokenize_regex=QWEN_SPLIT, eos_token="<|im_end|>",
-                                pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
+    tokenizer = build_tokenizer(
+        SPECIAL_TOKENS,
+        plain_added_tokens=PLAIN_TOKENS,
+        pretokenize_regex=QWEN_SPLIT,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+    )
     vocab = tokenizer.get_vocab()
-    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, vocab_size=len(tokenizer), max_position_embeddings=2048,
-                rms_norm_eps=1e-6, initializer_range=0.1,
-                rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [2, 3, 3],
-                                 "mrope_interleaved": True})
-    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64,
-                  deepstack_visual_indexes=[0], patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
-                  hidden_act="gelu_pytorch_tanh", num_position_embeddings=2304, initializer_range=0.1)
-    config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=vocab["<|image_pad|>"],
-                           video_token_id=vocab["<|video_pad|>"], vision_start_token_id=vocab["<|vision_start|>"],
-                           vision_end_token_id=vocab["<|vision_end|>"], tie_word_embeddings=True)
+    text = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
+        initializer_range=0.1,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 5_000_000.0,
+            "mrope_section": [2, 3, 3],
+            "mrope_interleaved": True,
+        },
+    )
+    vision = dict(
+        depth=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=4,
+        out_hidden_size=64,
+        deepstack_visual_indexes=[0],
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        hidden_act="gelu_pytorch_tanh",
+        num_position_embeddings=2304,
+        initializer_range=0.1,
+    )
+    config = Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=vocab["<|image_pad|>"],
+        video_token_id=vocab["<|video_pad|>"],
+        vision_start_token_id=vocab["<|vision_start|>"],
+        vision_end_token_id=vocab["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config).eval()
-    model.generation_config = GenerationConfig(eos_token_id=[vocab["<|im_end|>"], vocab["<|endoftext|>"]],
-                                               pad_token_id=vocab["<|endoftext|>"], bos_token_id=None)
+    model.generation_config = GenerationConfig(
+        eos_token_id=[vocab["<|im_end|>"], vocab["<|endoftext|>"]],
+        pad_token_id=vocab["<|endoftext|>"],
+        bos_token_id=None,
+    )
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     image_processor = Qwen2VLImageProcessorPil(
-        patch_size=16, temporal_patch_size=2, merge_size=2, size={"shortest_edge": 32 * 32, "longest_edge": 128 * 128},
-        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
+        patch_size=16,
+        temporal_patch_size=2,
+        merge_size=2,
+        size={"shortest_edge": 32 * 32, "longest_edge": 128 * 128},
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
     image_processor.save_pretrained(path)
     (path / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
     return path

@@ -54,8 +54,17 @@ def parse_size(text: str) -> int:
     if not match:
         raise ConfigError(f"cannot read {text!r} as a size; use e.g. '24GB' or '512MiB'")
     unit = match.group(2) or "B"
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}[unit]
+    scale = {
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KiB": 2**10,
+        "MiB": 2**20,
+        "GiB": 2**30,
+        "TiB": 2**40,
+    }[unit]
     return int(float(match.group(1)) * scale)
 
 
@@ -114,15 +123,18 @@ class ConfigManager:
         plugin_prefix = f"INFERENCE_PIO_{plugin_name.upper()}__"
         for key, value in self.environ.items():
             if key.startswith(plugin_prefix):
-                out[key[len(plugin_prefix):].lower()] = (value, key)
+                out[key[len(plugin_prefix) :].lower()] = (value, key)
             elif key.startswith("INFERENCE_PIO_") and "__" not in key:
-                short = key[len("INFERENCE_PIO_"):]
+                short = key[len("INFERENCE_PIO_") :]
                 if short not in RESERVED_ENV and short.lower() in BuiltinConfig.model_fields:
                     out.setdefault(short.lower(), (value, key))
         return out  # per-plugin variables overwrite, global ones only fill in
 
     def resolve(
-        self, plugin_name: str, plugin_defaults: Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None
+        self,
+        plugin_name: str,
+        plugin_defaults: Mapping[str, Any] | None = None,
+        overrides: Mapping[str, Any] | None = None,
     ) -> ResolvedConfig:
         """Merge every layer for ``plugin_name`` and validate the result."""
         plugin_defaults = dict(plugin_defaults or {})
@@ -144,8 +156,10 @@ class ConfigManager:
         file_layer = {**self.section("defaults"), **self.section("plugins", plugin_name)}
         apply(file_layer, lambda k: f"config file {self.config_file}")
         env = self._env_layer(plugin_name)
-        apply({k: self._coerce_env(k, v, plugin_defaults) for k, (v, _) in env.items()},
-              lambda k: f"environment variable {env[k][1]}")
+        apply(
+            {k: self._coerce_env(k, v, plugin_defaults) for k, (v, _) in env.items()},
+            lambda k: f"environment variable {env[k][1]}",
+        )
         apply({k: v for k, v in (overrides or {}).items() if v is not None}, lambda k: "keyword argument")
 
         builtin = {k: values[k] for k in BuiltinConfig.model_fields}
@@ -162,8 +176,9 @@ class ConfigManager:
 
     @staticmethod
     def _coerce_env(key: str, raw: str, plugin_defaults: Mapping[str, Any]) -> Any:
-        default = plugin_defaults.get(key, BuiltinConfig.model_fields[key].default
-                                      if key in BuiltinConfig.model_fields else None)
+        default = plugin_defaults.get(
+            key, BuiltinConfig.model_fields[key].default if key in BuiltinConfig.model_fields else None
+        )
         if isinstance(default, bool) or key == "local_files_only":
             return raw.strip().lower() in ("1", "true", "yes", "on")
         if isinstance(default, int) or key in ("max_context", "max_batch_size", "max_images", "max_image_pixels"):

@@ -26,8 +26,20 @@ BYTES_PER_PARAM: dict[Precision, float] = {
     "int8": 1.0,  # bitsandbytes LLM.int8 weights plus per-row scales: about one byte per parameter
     "int4": 0.55,  # NF4 with double-quantized block scales
 }
-SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                           "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+SAFETENSORS_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "BF16": 2,
+    "F16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 @dataclass(frozen=True)
@@ -56,8 +68,10 @@ class MemoryPlan:
 
     def describe(self) -> str:
         quant = "" if self.quantization == "none" else f" with {self.quantization} weights"
-        return (f"{self.dtype}{quant} on {self.device}: needs {self.required_bytes / GB:.2f} GB, "
-                f"{self.free_bytes / GB:.2f} GB free ({self.reason})")
+        return (
+            f"{self.dtype}{quant} on {self.device}: needs {self.required_bytes / GB:.2f} GB, "
+            f"{self.free_bytes / GB:.2f} GB free ({self.reason})"
+        )
 
 
 def headroom(weights: int) -> int:
@@ -140,11 +154,14 @@ def plan_memory(
             candidates += [(full, q) for q in ("int8", "int4") if q in supported_quantizations]
     elif quantization in ("int8", "int4"):
         if quantization not in supported_quantizations:
-            raise ConfigError(f"{name} does not support {quantization} quantization; it supports "
-                              f"{', '.join(supported_quantizations)}")
+            raise ConfigError(
+                f"{name} does not support {quantization} quantization; it supports {', '.join(supported_quantizations)}"
+            )
         if kind != "cuda":
-            raise ConfigError(f"{quantization} quantization uses bitsandbytes, which needs a CUDA device; "
-                              f"the target is {memory.device}")
+            raise ConfigError(
+                f"{quantization} quantization uses bitsandbytes, which needs a CUDA device; "
+                f"the target is {memory.device}"
+            )
         candidates.append((full, quantization))
     elif quantization != "none":
         raise ConfigError(f"quantization must be auto, none, int8 or int4, got {quantization!r}")

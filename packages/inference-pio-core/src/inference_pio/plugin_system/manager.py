@@ -42,7 +42,9 @@ log = logging.getLogger("inference_pio.plugins")
 class PluginManager:
     """Discovers plugins lazily, isolates their failures, and runs their lifecycle. Thread-safe."""
 
-    def __init__(self, *, environ: Mapping[str, str] | None = None, config_manager: ConfigManager | None = None) -> None:
+    def __init__(
+        self, *, environ: Mapping[str, str] | None = None, config_manager: ConfigManager | None = None
+    ) -> None:
         self._lock = threading.RLock()
         self._pm = pluggy.PluginManager(hookspecs.PROJECT)
         self._pm.add_hookspecs(hookspecs)
@@ -68,15 +70,30 @@ class PluginManager:
         dist_version = ep.dist.version if ep.dist else None
         source = f"distribution {dist}" if dist else f"entry point {ep.name}"
         if not self.selection.allows(ep.name, dist):
-            self._records.setdefault(ep.name, PluginRecord(ep.name, source, dist, dist_version, status="disabled",
-                                                           error=PluginDisabledError(self.selection.reason())))
+            self._records.setdefault(
+                ep.name,
+                PluginRecord(
+                    ep.name,
+                    source,
+                    dist,
+                    dist_version,
+                    status="disabled",
+                    error=PluginDisabledError(self.selection.reason()),
+                ),
+            )
             return
         try:
             obj = ep.load()
         except Exception as exc:  # a broken plugin must not take the others down
-            self._broken(ep.name, source, dist, dist_version,
-                         PluginLoadError(f"entry point {ep.name} ({ep.value}) of {source} failed to import: "
-                                         f"{type(exc).__name__}: {exc}", exc))
+            self._broken(
+                ep.name,
+                source,
+                dist,
+                dist_version,
+                PluginLoadError(
+                    f"entry point {ep.name} ({ep.value}) of {source} failed to import: {type(exc).__name__}: {exc}", exc
+                ),
+            )
             return
         self._register_module(obj, source, dist, dist_version, key=ep.name)
 
@@ -84,7 +101,9 @@ class PluginManager:
         for ep in self._eps():
             self._load_entry_point(ep)
 
-    def _broken(self, key: str, source: str, dist: str | None, dist_version: str | None, error: PluginLoadError) -> None:
+    def _broken(
+        self, key: str, source: str, dist: str | None, dist_version: str | None, error: PluginLoadError
+    ) -> None:
         log.warning("%s", error)
         if self.strict:
             raise error
@@ -92,7 +111,9 @@ class PluginManager:
         if existing is None or existing.status != "broken":
             self._records[key] = PluginRecord(key, source, dist, dist_version, status="broken", error=error)
 
-    def _register_module(self, obj: Any, source: str, dist: str | None, dist_version: str | None, *, key: str) -> list[str]:
+    def _register_module(
+        self, obj: Any, source: str, dist: str | None, dist_version: str | None, *, key: str
+    ) -> list[str]:
         """Register ``obj``'s hook implementations and collect the plugins it registers."""
         try:
             self._pm.register(obj, name=f"{source}:{key}")
@@ -100,8 +121,9 @@ class PluginManager:
         except Exception as exc:
             if self._pm.is_registered(obj):
                 self._pm.unregister(obj)
-            self._broken(key, source, dist, dist_version,
-                         PluginLoadError(f"{source}: invalid hook implementation: {exc}", exc))
+            self._broken(
+                key, source, dist, dist_version, PluginLoadError(f"{source}: invalid hook implementation: {exc}", exc)
+            )
             return []
         names: list[str] = []
 
@@ -117,12 +139,20 @@ class PluginManager:
                 if self.strict:
                     raise
             except Exception as exc:
-                self._broken(key, source, dist, dist_version,
-                             PluginLoadError(f"{source}: inference_pio_register_plugins raised "
-                                             f"{type(exc).__name__}: {exc}", exc))
+                self._broken(
+                    key,
+                    source,
+                    dist,
+                    dist_version,
+                    PluginLoadError(
+                        f"{source}: inference_pio_register_plugins raised {type(exc).__name__}: {exc}", exc
+                    ),
+                )
         return names
 
-    def _add(self, name: str, factory: Any, metadata: Any, source: str, dist: str | None, dist_version: str | None) -> None:
+    def _add(
+        self, name: str, factory: Any, metadata: Any, source: str, dist: str | None, dist_version: str | None
+    ) -> None:
         with self._lock:
             existing = self._records.get(name)
             if existing is not None and existing.status != "disabled":
@@ -142,7 +172,9 @@ class PluginManager:
             try:
                 record.metadata = validate_metadata(metadata, source=f"plugin {name!r} from {source}")
                 if record.metadata.name != name:
-                    raise ValueError(f"plugin registered as {name!r} but its metadata says name={record.metadata.name!r}")
+                    raise ValueError(
+                        f"plugin registered as {name!r} but its metadata says name={record.metadata.name!r}"
+                    )
             except Exception as exc:
                 record.status, record.error = "broken", PluginLoadError(str(exc), exc)
                 log.warning("%s", record.error)
@@ -201,11 +233,14 @@ class PluginManager:
                 try:
                     instance = resolve_factory(record.factory)()
                 except Exception as exc:
-                    raise PluginLoadError(f"factory of plugin {name!r} from {record.source} raised "
-                                          f"{type(exc).__name__}: {exc}", exc) from exc
+                    raise PluginLoadError(
+                        f"factory of plugin {name!r} from {record.source} raised {type(exc).__name__}: {exc}", exc
+                    ) from exc
                 if not isinstance(instance, ModelPluginInterface):
-                    raise PluginLoadError(f"factory of plugin {name!r} returned {type(instance).__name__}, "
-                                          f"which does not implement ModelPluginInterface")
+                    raise PluginLoadError(
+                        f"factory of plugin {name!r} returned {type(instance).__name__}, "
+                        f"which does not implement ModelPluginInterface"
+                    )
                 record.instance = instance
             return record.instance  # type: ignore[no-any-return]
 
@@ -239,8 +274,13 @@ class PluginManager:
                 try:
                     module = _import_file(f"{prefix}.{entry.stem}", location, search)
                 except Exception as exc:
-                    self._broken(key, source, None, None,
-                                 PluginLoadError(f"{location} failed to import: {type(exc).__name__}: {exc}", exc))
+                    self._broken(
+                        key,
+                        source,
+                        None,
+                        None,
+                        PluginLoadError(f"{location} failed to import: {type(exc).__name__}: {exc}", exc),
+                    )
                     continue
                 names += self._register_module(module, source, None, None, key=key)
             self._loaded_directories[path] = names

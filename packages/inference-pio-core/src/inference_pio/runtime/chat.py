@@ -33,13 +33,15 @@ def _image_source(part: Mapping[str, Any], where: str) -> Any:
         if isinstance(url, Mapping):
             url = url.get("url")
         if not isinstance(url, str) or not url:
-            raise InvalidRequestError(f"{where}: image_url part needs image_url.url as a non-empty string",
-                                      param=f"{where}.image_url")
+            raise InvalidRequestError(
+                f"{where}: image_url part needs image_url.url as a non-empty string", param=f"{where}.image_url"
+            )
         return url
     source = part.get("image", part.get("url", part.get("path")))
     if source is None:
-        raise InvalidRequestError(f"{where}: image part needs 'image' (path, PIL image, bytes or data: URL)",
-                                  param=where)
+        raise InvalidRequestError(
+            f"{where}: image part needs 'image' (path, PIL image, bytes or data: URL)", param=where
+        )
     return source
 
 
@@ -83,19 +85,22 @@ def normalize_messages(messages: Any, *, allow_images: bool, max_images: int) ->
                     cm.texts.append(text)
                 elif kind in ("image_url", "image"):
                     if not allow_images:
-                        raise InvalidRequestError(f"{pwhere}: this model reads text only; remove the image part",
-                                                  pwhere)
+                        raise InvalidRequestError(
+                            f"{pwhere}: this model reads text only; remove the image part", pwhere
+                        )
                     if role != "user":
                         raise InvalidRequestError(f"{pwhere}: images are accepted in user messages only", pwhere)
                     n_images += 1
                     if n_images > max_images:
-                        raise InvalidRequestError(f"more than {max_images} images in one request (max_images)",
-                                                  "messages")
+                        raise InvalidRequestError(
+                            f"more than {max_images} images in one request (max_images)", "messages"
+                        )
                     cm.order.append(("image", len(cm.images)))
                     cm.images.append(_image_source(part, pwhere))
                 else:
-                    raise InvalidRequestError(f"{pwhere}.type must be 'text', 'image_url' or 'image', got {kind!r}",
-                                              f"{pwhere}.type")
+                    raise InvalidRequestError(
+                        f"{pwhere}.type must be 'text', 'image_url' or 'image', got {kind!r}", f"{pwhere}.type"
+                    )
         else:
             raise InvalidRequestError(f"{where}.content must be a string or a list of parts", f"{where}.content")
         out.append(cm)
@@ -147,7 +152,7 @@ def render_protected(
     pos = 0
     for match in pattern.finditer(rendered):
         if match.start() > pos:
-            segments.append(Segment(rendered[pos:match.start()], False))
+            segments.append(Segment(rendered[pos : match.start()], False))
         segments.append(Segment(texts[int(match.group(1))], True))
         pos = match.end()
     if pos < len(rendered):

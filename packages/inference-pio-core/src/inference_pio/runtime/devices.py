@@ -17,8 +17,10 @@ def resolve_device(spec: str) -> str:
         return "cuda:0" if torch.cuda.is_available() else "cpu"
     if spec.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"device {spec!r} was requested but torch {torch.__version__} sees no CUDA GPU; "
-                              "use device='cpu' or install a CUDA build of torch")
+            raise ConfigError(
+                f"device {spec!r} was requested but torch {torch.__version__} sees no CUDA GPU; "
+                "use device='cpu' or install a CUDA build of torch"
+            )
         index = int(spec.split(":", 1)[1]) if ":" in spec else 0
         count = torch.cuda.device_count()
         if index >= count:

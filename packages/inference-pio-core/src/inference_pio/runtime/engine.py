@@ -60,8 +60,17 @@ class DecodeEngine:
         zero = torch.zeros((), dtype=self.dtype, device=self.device)
         return torch.where(visible, zero, self._mask_min).unsqueeze(1)
 
-    def _forward(self, ids: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, position_ids: torch.Tensor,
-                 *, all_rows: bool, logits_to_keep: int, extra: dict[str, Any]) -> torch.Tensor:
+    def _forward(
+        self,
+        ids: torch.Tensor,
+        rows: torch.Tensor,
+        positions: torch.Tensor,
+        position_ids: torch.Tensor,
+        *,
+        all_rows: bool,
+        logits_to_keep: int,
+        extra: dict[str, Any],
+    ) -> torch.Tensor:
         self.cache.plan = WritePlan(rows, positions, all_rows)
         out = self.model(
             input_ids=ids,
@@ -90,8 +99,15 @@ class DecodeEngine:
                 position_ids = positions
             rows = torch.tensor([slot], device=self.device)
             self.cache.seen = 0
-            logits = self._forward(ids, rows, positions, position_ids, all_rows=False,
-                                   logits_to_keep=0 if all_logits else 1, extra=prompt.model_inputs)
+            logits = self._forward(
+                ids,
+                rows,
+                positions,
+                position_ids,
+                all_rows=False,
+                logits_to_keep=0 if all_logits else 1,
+                extra=prompt.model_inputs,
+            )
         self.lengths[slot] = length
         self.deltas[slot] = prompt.rope_delta
         return logits[0].float()

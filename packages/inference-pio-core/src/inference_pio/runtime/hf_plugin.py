@@ -65,8 +65,9 @@ class HFTextPlugin(TextModelPluginInterface):
         if path.is_dir():
             path = path.resolve()
             if not (path / "config.json").is_file():
-                raise ModelLoadError(f"{path} has no config.json; point model_path at a transformers checkpoint "
-                                     "directory")
+                raise ModelLoadError(
+                    f"{path} has no config.json; point model_path at a transformers checkpoint directory"
+                )
             return str(path), path
         if path.exists():
             raise ModelLoadError(f"model_path {path} is a file; it must be a checkpoint directory")
@@ -124,8 +125,9 @@ class HFTextPlugin(TextModelPluginInterface):
         text_config = model.config.get_text_config()
         limit = int(getattr(text_config, "max_position_embeddings", DEFAULT_CONTEXT))
         max_len = min(int(config.get("max_context") or DEFAULT_CONTEXT), limit)
-        self.engine = DecodeEngine(model, max_len=max_len, max_slots=int(config.get("max_batch_size") or 1),
-                                   mrope=self.MROPE)
+        self.engine = DecodeEngine(
+            model, max_len=max_len, max_slots=int(config.get("max_batch_size") or 1), mrope=self.MROPE
+        )
         self.eos_ids = self.find_eos_ids()
 
     def load_processor(self, source: str, config: Mapping[str, Any]) -> None:
@@ -133,7 +135,9 @@ class HFTextPlugin(TextModelPluginInterface):
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(
-            source, revision=config.get("revision"), local_files_only=bool(config.get("local_files_only")),
+            source,
+            revision=config.get("revision"),
+            local_files_only=bool(config.get("local_files_only")),
             trust_remote_code=False,
         )
 
@@ -222,20 +226,23 @@ class HFTextPlugin(TextModelPluginInterface):
 
     def apply_template(self, messages: list[dict[str, Any]], options: Mapping[str, Any]) -> str:
         template_owner = self.processor if self.processor is not None else self.tokenizer
-        return str(template_owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                                      **options))
+        return str(template_owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **options))
 
     def check_context(self, prompt_tokens: int, params: GenerationParams) -> None:
         limit = self.engine.max_len
         if prompt_tokens >= limit:
             raise ContextLengthError(
                 f"the prompt is {prompt_tokens} tokens; the context window is {limit} tokens "
-                f"(max_context). Shorten the prompt or activate with a larger max_context.", "messages")
+                f"(max_context). Shorten the prompt or activate with a larger max_context.",
+                "messages",
+            )
         if prompt_tokens + params.max_new_tokens > limit:
             raise ContextLengthError(
                 f"prompt ({prompt_tokens} tokens) + max_new_tokens ({params.max_new_tokens}) = "
                 f"{prompt_tokens + params.max_new_tokens} exceeds the context window of {limit} tokens; "
-                f"ask for at most {limit - prompt_tokens} new tokens", "max_new_tokens")
+                f"ask for at most {limit - prompt_tokens} new tokens",
+                "max_new_tokens",
+            )
 
     def run(self, prompt: Any, params: GenerationParams) -> Iterator[StreamChunk]:
         """Validate, then return the stream (validation errors surface before the first chunk)."""

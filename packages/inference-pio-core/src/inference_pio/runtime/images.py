@@ -27,24 +27,29 @@ def load_image(source: Any, *, max_pixels: int, where: str = "image") -> Any:
         elif isinstance(source, str) and source.startswith("data:"):
             header, _, payload = source.partition(",")
             if ";base64" not in header:
-                raise InvalidRequestError(f"{where}: data URL must be base64-encoded (data:image/png;base64,...)",
-                                          where)
+                raise InvalidRequestError(
+                    f"{where}: data URL must be base64-encoded (data:image/png;base64,...)", where
+                )
             try:
                 data = io.BytesIO(base64.b64decode(payload, validate=True))
             except (binascii.Error, ValueError) as exc:
                 raise InvalidRequestError(f"{where}: the data URL is not valid base64 ({exc})", where) from exc
             label = f"{where} (data URL)"
         elif isinstance(source, str) and source.startswith(("http://", "https://")):
-            raise InvalidRequestError(f"{where}: remote image URLs are not fetched; send the image as a data: URL, "
-                                      "bytes or a local path", where)
+            raise InvalidRequestError(
+                f"{where}: remote image URLs are not fetched; send the image as a data: URL, bytes or a local path",
+                where,
+            )
         elif isinstance(source, (str, Path)):
             path = Path(source).expanduser()
             if not path.is_file():
                 raise InvalidRequestError(f"{where}: no image file at {path}", where)
             data, label = path, f"{where} ({path})"
         else:
-            raise InvalidRequestError(f"{where}: unsupported image type {type(source).__name__}; "
-                                      "use a path, PIL image, bytes or data: URL", where)
+            raise InvalidRequestError(
+                f"{where}: unsupported image type {type(source).__name__}; use a path, PIL image, bytes or data: URL",
+                where,
+            )
         previous = Image.MAX_IMAGE_PIXELS
         try:
             with warnings.catch_warnings():
@@ -54,7 +59,9 @@ def load_image(source: Any, *, max_pixels: int, where: str = "image") -> Any:
                 if image.width * image.height > max_pixels:
                     raise InvalidRequestError(
                         f"{label} is {image.width}x{image.height} = {image.width * image.height} pixels, more than "
-                        f"the limit of {max_pixels} (max_image_pixels)", where)
+                        f"the limit of {max_pixels} (max_image_pixels)",
+                        where,
+                    )
                 image.load()
         except Image.DecompressionBombError as exc:
             raise InvalidRequestError(f"{label} looks like a decompression bomb: {exc}", where) from exc
@@ -65,8 +72,9 @@ def load_image(source: Any, *, max_pixels: int, where: str = "image") -> Any:
         finally:
             Image.MAX_IMAGE_PIXELS = previous
     if image.width * image.height > max_pixels:
-        raise InvalidRequestError(f"{where} is {image.width}x{image.height}, more than max_image_pixels={max_pixels}",
-                                  where)
+        raise InvalidRequestError(
+            f"{where} is {image.width}x{image.height}, more than max_image_pixels={max_pixels}", where
+        )
     image = image.convert("RGB")
     return letterbox(image)
 

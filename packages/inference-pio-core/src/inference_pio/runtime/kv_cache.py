@@ -24,7 +24,7 @@ class WritePlan:
     all_rows: bool = False
 
 
-class SlotLayer(CacheLayerMixin):
+class SlotLayer(CacheLayerMixin):  # type: ignore[misc]  # transformers is untyped here
     is_compileable = True
     is_sliding = False
     is_croppable = False
@@ -38,16 +38,19 @@ class SlotLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         heads = key_states.shape[1]
         self.keys = key_states.new_zeros((self.max_slots, heads, self.max_len, key_states.shape[-1]))
-        self.values = value_states.new_zeros((self.max_slots, value_states.shape[1], self.max_len,
-                                              value_states.shape[-1]))
+        self.values = value_states.new_zeros(
+            (self.max_slots, value_states.shape[1], self.max_len, value_states.shape[-1])
+        )
         self.device = key_states.device
         self.is_initialized = True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        assert self.keys is not None and self.values is not None
+        assert self.keys is not None
+        assert self.values is not None
         plan = self._holder.plan
         index = (plan.rows[:, None], slice(None), plan.positions)
         self.keys[index] = key_states.transpose(1, 2).to(self.keys.dtype)
@@ -60,7 +63,7 @@ class SlotLayer(CacheLayerMixin):
         return self.max_len, 0
 
     def get_seq_length(self) -> int:
-        return self._holder.seen
+        return int(self._holder.seen)
 
     def get_max_length(self) -> int:
         return self.max_len
@@ -68,10 +71,10 @@ class SlotLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         if self.keys is None or self.values is None:
             return 0
-        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        return int(self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size())
 
 
-class SlotCache(Cache):
+class SlotCache(Cache):  # type: ignore[misc]
     """One :class:`SlotLayer` per decoder layer, sharing one write plan."""
 
     def __init__(self, num_layers: int, max_slots: int, max_len: int) -> None:

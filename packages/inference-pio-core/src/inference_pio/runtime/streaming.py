@@ -26,20 +26,20 @@ class IncrementalDetokenizer:
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        before = self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
-        now = self.tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        now = self.tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=True)
         if now.endswith("\ufffd") or len(now) < len(before) or not now.startswith(before):
             return ""
         self.read = len(self.ids)
         if self.read - self.prefix > self.window:  # keep decoding cost constant on long outputs
             self.prefix = self.read - self.window
-        return now[len(before):]
+        return now[len(before) :]
 
     def flush(self) -> str:
-        before = self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
-        now = self.tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        now = self.tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=True)
         self.read = len(self.ids)
-        return now[len(before):] if now.startswith(before) else now
+        return now[len(before) :] if now.startswith(before) else now
 
 
 class StopMatcher:
@@ -67,7 +67,7 @@ class StopMatcher:
                 keep = n
                 break
         out = self.pending[: len(self.pending) - keep]
-        self.pending = self.pending[len(self.pending) - keep:]
+        self.pending = self.pending[len(self.pending) - keep :]
         return out, False
 
     def flush(self) -> str:

@@ -86,21 +86,26 @@ class Conformance:
         rows = json.loads(self._python(code))
         mine = [r for r in rows if r["name"] == self.metadata.name]
         if not mine:
-            raise ConformanceError(f"plugin {self.metadata.name!r} was not found through entry points; found "
-                                   f"{[r['name'] for r in rows]}")
+            raise ConformanceError(
+                f"plugin {self.metadata.name!r} was not found through entry points; found {[r['name'] for r in rows]}"
+            )
         if mine[0]["status"] != "ok":
             raise ConformanceError(f"plugin {self.metadata.name!r} is {mine[0]['status']}: {mine[0]['error']}")
 
     def check_light_import(self) -> None:
         """Importing the plugin's package (and listing plugins) imports no torch or transformers."""
         module = self.factory.__module__.split(".")[0]
-        code = (f"import sys, json; import {module}; from inference_pio import PluginManager\n"
-                "PluginManager(environ={}).list_plugins()\n"
-                f"print(json.dumps([m for m in {HEAVY_MODULES!r} if m in sys.modules]))")
+        code = (
+            f"import sys, json; import {module}; from inference_pio import PluginManager\n"
+            "PluginManager(environ={}).list_plugins()\n"
+            f"print(json.dumps([m for m in {HEAVY_MODULES!r} if m in sys.modules]))"
+        )
         heavy = json.loads(self._python(code))
         if heavy:
-            raise ConformanceError(f"importing {module} imported {', '.join(heavy)}; move those imports into "
-                                   "load_model so that listing plugins stays fast")
+            raise ConformanceError(
+                f"importing {module} imported {', '.join(heavy)}; move those imports into "
+                "load_model so that listing plugins stays fast"
+            )
 
     def check_lifecycle(self) -> None:
         """initialize -> load_model -> infer -> cleanup works, twice on the same instance."""
@@ -174,12 +179,14 @@ class Conformance:
                     if not str(exc):
                         raise ConformanceError(f"{label}: InvalidRequestError without a message") from exc
                 except Exception as exc:
-                    raise ConformanceError(f"{label}: raised {type(exc).__name__}: {exc}; expected "
-                                           "InvalidRequestError") from exc
+                    raise ConformanceError(
+                        f"{label}: raised {type(exc).__name__}: {exc}; expected InvalidRequestError"
+                    ) from exc
                 else:
                     raise ConformanceError(f"{label} was accepted; it must raise InvalidRequestError")
-            self._check_result(plugin.generate_text(self.prompt, max_new_tokens=self.max_new_tokens),
-                               "generate_text after bad input")
+            self._check_result(
+                plugin.generate_text(self.prompt, max_new_tokens=self.max_new_tokens), "generate_text after bad input"
+            )
         finally:
             plugin.cleanup()
 

@@ -42,12 +42,14 @@ def build_tokenizer(
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pretokenize_regex is None)
     if pretokenize_regex is not None:
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(pretokenize_regex), behavior="isolated"), byte_level])
+            [pre_tokenizers.Split(Regex(pretokenize_regex), behavior="isolated"), byte_level]
+        )
     else:
         tokenizer.pre_tokenizer = byte_level
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     tokenizer.train_from_iterator([CORPUS] * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **fast_kwargs)
     ordered = [t for t in special_tokens]

@@ -1,0 +1,113 @@
+"""A user's install, for real: a fresh virtual environment, pip install, entry points, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Venv:
+    def __init__(self, path: Path) -> None:
+        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=300)
+        self.bin = path / "bin"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("INFERENCE_PIO_", "VIRTUAL_ENV"))}
+        self.env["PATH"] = f"{self.bin}{os.pathsep}{self.env.get('PATH', '')}"
+        self.env["INFERENCE_PIO_CONFIG"] = str(path / "no-config.toml")
+
+    def pip(self, *args: str) -> None:
+        proc = subprocess.run(
+            [str(self.bin / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check", *args],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=900,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(self.bin / args[0]), *args[1:]], capture_output=True, text=True, env=self.env, timeout=300
+        )
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory: pytest.TempPathFactory, wheels: dict[str, Path]) -> Venv:
+    env = Venv(tmp_path_factory.mktemp("venv") / "v")
+    env.pip(str(wheels["core"]))
+    return env
+
+
+def test_core_alone_lists_no_plugins_quickly_without_torch(venv: Venv) -> None:
+    start = time.perf_counter()
+    proc = venv.run("inference-pio", "plugins", "--json")
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == []
+    assert venv.run("python", "-c", "import torch").returncode != 0  # torch is not even installed
+    print(f"cold `inference-pio plugins --json`, core only: {elapsed:.3f} s")
+    table = venv.run("inference-pio", "plugins")
+    assert "No inference-pio plugins are installed" in table.stdout
+
+
+def test_installed_plugin_appears_and_runs(venv: Venv, wheels: dict[str, Path]) -> None:
+    venv.pip(str(wheels["echo"]))
+    rows = json.loads(venv.run("inference-pio", "plugins", "--json").stdout)
+    assert [(r["name"], r["distribution"], r["version"], r["status"]) for r in rows] == [
+        ("echo", "inference-pio-echo", "1.0.0", "ok")
+    ]
+    proc = venv.run("inference-pio", "run", "echo", "hello plugin world", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "hello plugin world"
+
+
+def test_broken_distribution_is_listed_as_broken_while_others_work(venv: Venv, wheels: dict[str, Path]) -> None:
+    venv.pip(str(wheels["echo"]), str(wheels["broken"]))
+    proc = venv.run("inference-pio", "plugins", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["name"]: r for r in json.loads(proc.stdout)}
+    assert rows["broken"]["status"] == "broken"
+    assert "not installed (on purpose)" in rows["broken"]["error"]
+    assert rows["broken"]["distribution"] == "inference-pio-broken"
+    assert rows["echo"]["status"] == "ok"
+    assert venv.run("inference-pio", "run", "echo", "still works", "--device", "cpu").stdout.strip() == "still works"
+    strict = subprocess.run(
+        [str(venv.bin / "inference-pio"), "plugins"],
+        capture_output=True,
+        text=True,
+        env={**venv.env, "INFERENCE_PIO_STRICT": "1"},
+        timeout=120,
+    )
+    assert strict.returncode == 1
+    assert "not installed (on purpose)" in strict.stderr
+    disabled = subprocess.run(
+        [str(venv.bin / "inference-pio"), "plugins", "--json"],
+        capture_output=True,
+        text=True,
+        env={**venv.env, "INFERENCE_PIO_DISABLE_PLUGINS": "broken"},
+        timeout=120,
+    )
+    assert {r["name"]: r["status"] for r in json.loads(disabled.stdout)} == {"broken": "disabled", "echo": "ok"}
+
+
+def test_example_plugin_passes_the_conformance_kit_as_a_pytest_plugin(
+    venv: Venv, wheels: dict[str, Path], tmp_path: Path
+) -> None:
+    venv.pip(str(wheels["echo"]), "pytest")
+    test = tmp_path / "test_echo_conforms.py"
+    test.write_text(
+        "from inference_pio_echo import create_echo_plugin\n\n"
+        "def test_echo_conforms(plugin_conformance):\n"
+        "    plugin_conformance(create_echo_plugin, config={'device': 'cpu'},\n"
+        "                       distribution='inference-pio-echo').run_all()\n"
+    )
+    proc = venv.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "1 passed" in proc.stdout
