@@ -57,3 +57,10 @@ def make_tiny_checkpoint(directory: str | pathlib.Path, *, seed: int = 0) -> pat
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def full_size_config() -> object:
+    """The published GLM-4.7-Flash architecture (for benchmarks with random weights; no download)."""
+    from transformers import Glm4MoeLiteConfig
+
+    return Glm4MoeLiteConfig(eos_token_id=[151329, 151336, 151338], pad_token_id=151329)

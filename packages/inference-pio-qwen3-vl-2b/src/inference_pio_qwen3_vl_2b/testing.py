@@ -97,3 +97,48 @@ def make_tiny_checkpoint(directory: str | pathlib.Path, *, seed: int = 0) -> pat
     image_processor.save_pretrained(path)
     (path / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
     return path
+
+
+def full_size_config() -> object:
+    """The published Qwen3-VL-2B-Instruct architecture (for benchmarks with random weights; no download)."""
+    from transformers import Qwen3VLConfig
+
+    text = dict(
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        max_position_embeddings=262144,
+        rms_norm_eps=1e-6,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 5_000_000.0,
+            "mrope_section": [24, 20, 20],
+            "mrope_interleaved": True,
+        },
+    )
+    vision = dict(
+        depth=24,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_heads=16,
+        out_hidden_size=2048,
+        deepstack_visual_indexes=[5, 11, 17],
+        num_position_embeddings=2304,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        hidden_act="gelu_pytorch_tanh",
+    )
+    return Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
+        tie_word_embeddings=True,
+    )

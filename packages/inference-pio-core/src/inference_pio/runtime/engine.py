@@ -30,6 +30,10 @@ class Prompt:
     rope_delta: int = 0  # decode positions are cache position + rope_delta (multimodal RoPE)
 
 
+VIEW_BUCKET = 256
+"""Attention spans the cache in multiples of this many positions (one static shape per bucket)."""
+
+
 class DecodeEngine:
     """Owns a model's static KV cache and runs prefill and decode steps on it."""
 
@@ -54,9 +58,12 @@ class DecodeEngine:
         """Held while a request owns the engine (single-request use); a batch scheduler holds it per step."""
 
     # -- steps ----------------------------------------------------------------------------------
-    def _mask(self, positions: torch.Tensor) -> torch.Tensor:
-        """Additive mask [B, 1, q, max_len]: query at position p sees keys 0..p of its own row."""
-        visible = self._key_positions[None, None, :] <= positions[:, :, None]
+    def _view(self, last_position: int) -> int:
+        return min(self.max_len, -(-(last_position + 1) // VIEW_BUCKET) * VIEW_BUCKET)
+
+    def _mask(self, positions: torch.Tensor, view: int) -> torch.Tensor:
+        """Additive mask [B, 1, q, view]: query at position p sees keys 0..p of its own row."""
+        visible = self._key_positions[None, None, :view] <= positions[:, :, None]
         zero = torch.zeros((), dtype=self.dtype, device=self.device)
         return torch.where(visible, zero, self._mask_min).unsqueeze(1)
 
@@ -70,11 +77,13 @@ class DecodeEngine:
         all_rows: bool,
         logits_to_keep: int,
         extra: dict[str, Any],
+        last_position: int,
     ) -> torch.Tensor:
-        self.cache.plan = WritePlan(rows, positions, all_rows)
+        view = self._view(last_position)
+        self.cache.plan = WritePlan(rows, positions, all_rows, view)
         out = self.model(
             input_ids=ids,
-            attention_mask=self._mask(positions),
+            attention_mask=self._mask(positions, view),
             position_ids=position_ids,
             use_cache=True,
             logits_to_keep=logits_to_keep,
@@ -107,6 +116,7 @@ class DecodeEngine:
                 all_rows=False,
                 logits_to_keep=0 if all_logits else 1,
                 extra=prompt.model_inputs,
+                last_position=length - 1,
             )
         self.lengths[slot] = length
         self.deltas[slot] = prompt.rope_delta
@@ -128,7 +138,16 @@ class DecodeEngine:
                 position_ids = positions
             all_rows = len(slots) == self.max_slots and slots == list(range(self.max_slots))
             self.cache.seen = max(self.lengths[s] for s in slots)
-            logits = self._forward(ids, rows, positions, position_ids, all_rows=all_rows, logits_to_keep=1, extra={})
+            logits = self._forward(
+                ids,
+                rows,
+                positions,
+                position_ids,
+                all_rows=all_rows,
+                logits_to_keep=1,
+                extra={},
+                last_position=max(self.lengths[s] for s in slots),
+            )
         for slot in slots:
             self.lengths[slot] += 1
         return logits[:, -1].float()

@@ -79,7 +79,6 @@ class HFTextPlugin(TextModelPluginInterface):
         import torch
 
         from inference_pio.runtime.devices import resolve_device, torch_dtype
-        from inference_pio.runtime.engine import DecodeEngine
 
         self.cleanup()
         source, local = self.resolve_source(config)
@@ -120,15 +119,20 @@ class HFTextPlugin(TextModelPluginInterface):
             fraction = config.get("gpu_memory_fraction")
             if fraction:
                 torch.cuda.set_per_process_memory_fraction(float(fraction), torch.device(device))
-        self.model = model
         self.source = source
+        self.use_model(model, max_context=config.get("max_context"), max_batch_size=config.get("max_batch_size"))
+
+    def use_model(self, model: Any, *, max_context: int | None = None, max_batch_size: int | None = None) -> None:
+        """Attach an already-built model (``load_model`` and benchmarks with random full-size weights use this)."""
+        from inference_pio.runtime.engine import DecodeEngine
+
+        self.model = model
         text_config = model.config.get_text_config()
         limit = int(getattr(text_config, "max_position_embeddings", DEFAULT_CONTEXT))
-        max_len = min(int(config.get("max_context") or DEFAULT_CONTEXT), limit)
-        self.engine = DecodeEngine(
-            model, max_len=max_len, max_slots=int(config.get("max_batch_size") or 1), mrope=self.MROPE
-        )
-        self.eos_ids = self.find_eos_ids()
+        max_len = min(int(max_context or DEFAULT_CONTEXT), limit)
+        self.engine = DecodeEngine(model, max_len=max_len, max_slots=int(max_batch_size or 1), mrope=self.MROPE)
+        if self.tokenizer is not None:
+            self.eos_ids = self.find_eos_ids()
 
     def load_processor(self, source: str, config: Mapping[str, Any]) -> None:
         """Load the tokenizer (and processor); subclasses with images override this."""

@@ -17,11 +17,16 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 @dataclass
 class WritePlan:
-    """Where the current forward writes: ``rows`` [B] slot indices, ``positions`` [B, q] cache positions."""
+    """Where the current forward writes: ``rows`` [B] slot indices, ``positions`` [B, q] cache positions.
+
+    Attention reads the first ``view`` positions of each row: a bucketed length, so shapes stay
+    static within a bucket while short sequences do not pay for the whole cache.
+    """
 
     rows: torch.Tensor
     positions: torch.Tensor
     all_rows: bool = False
+    view: int = 0
 
 
 class SlotLayer(CacheLayerMixin):  # type: ignore[misc]  # transformers is untyped here
@@ -55,9 +60,10 @@ class SlotLayer(CacheLayerMixin):  # type: ignore[misc]  # transformers is untyp
         index = (plan.rows[:, None], slice(None), plan.positions)
         self.keys[index] = key_states.transpose(1, 2).to(self.keys.dtype)
         self.values[index] = value_states.transpose(1, 2).to(self.values.dtype)
+        view = plan.view or self.max_len
         if plan.all_rows:
-            return self.keys, self.values
-        return self.keys[plan.rows], self.values[plan.rows]
+            return self.keys[:, :, :view], self.values[:, :, :view]
+        return self.keys[plan.rows, :, :view], self.values[plan.rows, :, :view]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.max_len, 0
