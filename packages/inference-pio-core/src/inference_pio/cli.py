@@ -277,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pm = get_plugin_manager()
         for directory in args.plugins_dir:
             pm.load_plugins_from_directory(directory)
-        handler = COMMANDS.get(args.command) or args.handler
+        handler = COMMANDS.get(args.command) or args.handler  # 'serve' comes with the [serve] extra
         return int(handler(pm, args))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

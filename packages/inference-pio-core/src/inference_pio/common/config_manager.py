@@ -37,6 +37,7 @@ class BuiltinConfig(BaseModel):
     local_files_only: bool = False
     max_context: int | None = Field(default=None, gt=0, description="cap on prompt + new tokens (KV cache length)")
     max_batch_size: int = Field(default=1, ge=1, le=256, description="decode slots kept in the static KV cache")
+    max_queue: int = Field(default=64, ge=0, le=100_000, description="requests waiting for a decode slot")
     max_images: int = Field(default=8, ge=0, le=64)
     max_image_pixels: int = Field(default=16_777_216, gt=0, description="pixels accepted per image before refusal")
 
@@ -181,7 +182,13 @@ class ConfigManager:
         )
         if isinstance(default, bool) or key == "local_files_only":
             return raw.strip().lower() in ("1", "true", "yes", "on")
-        if isinstance(default, int) or key in ("max_context", "max_batch_size", "max_images", "max_image_pixels"):
+        if isinstance(default, int) or key in (
+            "max_context",
+            "max_batch_size",
+            "max_queue",
+            "max_images",
+            "max_image_pixels",
+        ):
             try:
                 return int(raw)
             except ValueError:

@@ -46,6 +46,7 @@ class HFTextPlugin(TextModelPluginInterface):
         self.settings: dict[str, Any] = {}
         self.eos_ids: frozenset[int] = frozenset()
         self.source: str | None = None
+        self.scheduler: Any = None
         self._added_pattern: re.Pattern[str] | None = None
 
     @property
@@ -120,11 +121,27 @@ class HFTextPlugin(TextModelPluginInterface):
             if fraction:
                 torch.cuda.set_per_process_memory_fraction(float(fraction), torch.device(device))
         self.source = source
-        self.use_model(model, max_context=config.get("max_context"), max_batch_size=config.get("max_batch_size"))
+        self.use_model(
+            model,
+            max_context=config.get("max_context"),
+            max_batch_size=config.get("max_batch_size"),
+            max_queue=config.get("max_queue"),
+        )
 
-    def use_model(self, model: Any, *, max_context: int | None = None, max_batch_size: int | None = None) -> None:
-        """Attach an already-built model (``load_model`` and benchmarks with random full-size weights use this)."""
+    def use_model(
+        self,
+        model: Any,
+        *,
+        max_context: int | None = None,
+        max_batch_size: int | None = None,
+        max_queue: int | None = None,
+    ) -> None:
+        """Attach an already-built model (``load_model`` and benchmarks with random full-size weights use this).
+
+        With ``max_batch_size`` > 1 a :class:`BatchScheduler` decodes concurrent requests together.
+        """
         from inference_pio.runtime.engine import DecodeEngine
+        from inference_pio.runtime.scheduler import BatchScheduler
 
         self.model = model
         text_config = model.config.get_text_config()
@@ -133,6 +150,8 @@ class HFTextPlugin(TextModelPluginInterface):
         self.engine = DecodeEngine(model, max_len=max_len, max_slots=int(max_batch_size or 1), mrope=self.MROPE)
         if self.tokenizer is not None:
             self.eos_ids = self.find_eos_ids()
+        if self.engine.max_slots > 1:
+            self.scheduler = BatchScheduler(self.engine, self.eos_ids, max_queue=int(max_queue or 64))
 
     def load_processor(self, source: str, config: Mapping[str, Any]) -> None:
         """Load the tokenizer (and processor); subclasses with images override this."""
@@ -156,6 +175,9 @@ class HFTextPlugin(TextModelPluginInterface):
 
     def cleanup(self) -> None:
         device = str(self.engine.device) if self.engine is not None else "cpu"
+        if self.scheduler is not None:
+            self.scheduler.stop()
+            self.scheduler = None
         if self.engine is not None:
             self.engine.release()
         self.model = self.engine = self.processor = self.tokenizer = None
@@ -251,9 +273,13 @@ class HFTextPlugin(TextModelPluginInterface):
     def run(self, prompt: Any, params: GenerationParams) -> Iterator[StreamChunk]:
         """Validate, then return the stream (validation errors surface before the first chunk)."""
         self.check_context(len(prompt.ids), params)
-        return self._stream(prompt, params)
+        if self.scheduler is not None:
+            tokens: Iterator[int] = self.scheduler.submit(prompt, params)  # QueueFullError surfaces here
+        else:
+            tokens = self.engine.generate(prompt, params)
+        return self._stream(prompt, tokens, params)
 
-    def _stream(self, prompt: Any, params: GenerationParams) -> Iterator[StreamChunk]:
+    def _stream(self, prompt: Any, token_source: Iterator[int], params: GenerationParams) -> Iterator[StreamChunk]:
         from inference_pio.runtime.streaming import IncrementalDetokenizer, StopMatcher
 
         detok = IncrementalDetokenizer(self.tokenizer)
@@ -261,7 +287,7 @@ class HFTextPlugin(TextModelPluginInterface):
         generated: list[int] = []
         finish = "length"
         stopped_by_string = False
-        with closing(self.engine.generate(prompt, params)) as tokens:
+        with closing(token_source) as tokens:  # type: ignore[type-var]
             for token in tokens:
                 generated.append(token)
                 if token in self.eos_ids:

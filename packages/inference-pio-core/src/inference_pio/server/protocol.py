@@ -1,0 +1,162 @@
+"""OpenAI request schemas (validated, with limits) and response builders."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_STOP = 4
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0, le=1_000_000)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    n: int = Field(default=1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logprobs: bool | int | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences are allowed")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must be non-empty")
+        return value
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(param, message) for options this server does not implement, instead of silently ignoring them."""
+        if self.presence_penalty or self.frequency_penalty:
+            param = "presence_penalty" if self.presence_penalty else "frequency_penalty"
+            return param, f"{param} is not supported; use repetition_penalty instead"
+        if self.logprobs:
+            return "logprobs", "logprobs are not supported by this server"
+        return None
+
+    def generation_params(self, seed_offset: int = 0) -> dict[str, Any]:
+        params: dict[str, Any] = {"max_new_tokens": self.max_tokens or 256}
+        for name in ("temperature", "top_p", "top_k", "repetition_penalty"):
+            value = getattr(self, name)
+            if value is not None:
+                params[name] = value
+        if self.stop is not None:
+            params["stop"] = [self.stop] if isinstance(self.stop, str) else self.stop
+        if self.seed is not None:
+            params["seed"] = self.seed + seed_offset
+        return params
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+    enable_thinking: bool | None = None  # GLM-style switch, passed to chat templates that know it
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.tools:
+            return "tools", "tool calling is not supported by this server"
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            return "response_format", "only response_format type 'text' is supported"
+        return super().unsupported()
+
+    def generation_params(self, seed_offset: int = 0) -> dict[str, Any]:
+        params = super().generation_params(seed_offset)
+        if self.max_completion_tokens is not None:
+            params["max_new_tokens"] = self.max_completion_tokens
+        return params
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(default=16, ge=1, le=1_000_000)
+    echo: bool = False
+    suffix: str | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.echo:
+            return "echo", "echo is not supported by this server"
+        if self.suffix:
+            return "suffix", "suffix is not supported by this server"
+        if isinstance(self.prompt, list) and len(self.prompt) != 1:
+            return "prompt", "send one prompt per request (a string or a list of one string)"
+        return super().unsupported()
+
+    @property
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def error_body(
+    message: str, *, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+Kind = Literal["chat", "completion"]
+
+
+def chunk(
+    kind: Kind,
+    rid: str,
+    model: str,
+    created: int,
+    index: int,
+    text: str | None,
+    finish: str | None,
+    *,
+    first: bool = False,
+) -> dict[str, Any]:
+    if kind == "chat":
+        delta: dict[str, Any] = {}
+        if first:
+            delta["role"] = "assistant"
+        if text is not None:
+            delta["content"] = text
+        choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}],
+    }
+
+
+def now() -> int:
+    return int(time.time())
