@@ -69,6 +69,7 @@ class GenerationParams(BaseModel):
     stop: tuple[str, ...] = Field(default=(), max_length=16)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=100.0)
+    ignore_eos: bool = Field(default=False, description="keep generating past end-of-sequence (benchmarks)")
 
     @field_validator("temperature", "top_p", "repetition_penalty", mode="before")
     @classmethod

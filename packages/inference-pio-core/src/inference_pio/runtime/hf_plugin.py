@@ -151,7 +151,9 @@ class HFTextPlugin(TextModelPluginInterface):
         if self.tokenizer is not None:
             self.eos_ids = self.find_eos_ids()
         if self.engine.max_slots > 1:
-            self.scheduler = BatchScheduler(self.engine, self.eos_ids, max_queue=int(max_queue or 64))
+            self.scheduler = BatchScheduler(
+                self.engine, self.eos_ids, max_queue=64 if max_queue is None else int(max_queue)
+            )
 
     def load_processor(self, source: str, config: Mapping[str, Any]) -> None:
         """Load the tokenizer (and processor); subclasses with images override this."""
@@ -290,7 +292,7 @@ class HFTextPlugin(TextModelPluginInterface):
         with closing(token_source) as tokens:  # type: ignore[type-var]
             for token in tokens:
                 generated.append(token)
-                if token in self.eos_ids:
+                if token in self.eos_ids and not params.ignore_eos:
                     finish = "stop"
                     break
                 text, stopped_by_string = stops.push(detok.push(token))

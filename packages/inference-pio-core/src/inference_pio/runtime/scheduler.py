@@ -186,7 +186,7 @@ class BatchScheduler:
         if request.params.repetition_penalty != 1.0:
             request.history = torch.cat([request.history, request.history.new_tensor([token])])
         if (
-            token in self.eos_ids
+            (token in self.eos_ids and not request.params.ignore_eos)
             or request.generated >= request.params.max_new_tokens
             or self.engine.lengths[request.slot] >= self.engine.max_len
         ):

@@ -73,18 +73,28 @@ class _BodyTooLarge(Exception):
 
 
 class BodyLimit:
-    """Refuse request bodies over ``limit`` bytes with 413, whether or not Content-Length is sent."""
+    """Refuse request bodies over ``limit`` bytes with 413 (with or without Content-Length), and
+    header blocks over ``header_limit`` bytes with 431."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, header_limit: int = 64 * 1024) -> None:
+        self.app, self.limit, self.header_limit = app, limit, header_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        header_bytes = sum(len(k) + len(v) for k, v in scope["headers"])
+        if header_bytes > self.header_limit:
+            await self._reject(
+                send,
+                431,
+                f"request headers total {header_bytes} bytes, over the limit of {self.header_limit}",
+                "headers_too_large",
+            )
+            return
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            await self._reject(send)
+            await self._reject(send, 413, f"request body exceeds the limit of {self.limit} bytes", "request_too_large")
             return
         seen = 0
 
@@ -100,16 +110,14 @@ class BodyLimit:
         try:
             await self.app(scope, limited, send)
         except _BodyTooLarge:
-            await self._reject(send)
+            await self._reject(send, 413, f"request body exceeds the limit of {self.limit} bytes", "request_too_large")
 
-    async def _reject(self, send: Send) -> None:
-        body = json.dumps(
-            protocol.error_body(f"request body exceeds the limit of {self.limit} bytes", code="request_too_large")
-        ).encode()
+    async def _reject(self, send: Send, status: int, message: str, code: str) -> None:
+        body = json.dumps(protocol.error_body(message, code=code)).encode()
         await send(
             {
                 "type": "http.response.start",
-                "status": 413,
+                "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
             }
         )

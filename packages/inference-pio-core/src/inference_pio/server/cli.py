@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 from typing import Any
 
 from inference_pio.errors import ConfigError
@@ -90,7 +91,9 @@ def cmd_serve(pm: PluginManager, args: argparse.Namespace) -> int:
         port=net["port"],
         log_level="info",
         timeout_graceful_shutdown=int(net["grace"]),
-        h11_max_incomplete_event_size=64 * 1024,
+        h11_max_incomplete_event_size=1024 * 1024,
     )
+    # uvicorn re-raises SIGTERM after its graceful shutdown; a no-op handler makes that a clean exit 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.Server(config).run()
     return 0

@@ -25,6 +25,7 @@ class _Common(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0, le=1_000_000)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    ignore_eos: bool = False
     n: int = Field(default=1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -56,6 +57,8 @@ class _Common(BaseModel):
 
     def generation_params(self, seed_offset: int = 0) -> dict[str, Any]:
         params: dict[str, Any] = {"max_new_tokens": self.max_tokens or 256}
+        if self.ignore_eos:
+            params["ignore_eos"] = True
         for name in ("temperature", "top_p", "top_k", "repetition_penalty"):
             value = getattr(self, name)
             if value is not None:
