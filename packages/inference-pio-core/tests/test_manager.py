@@ -22,24 +22,41 @@ from inference_pio import (
 )
 
 
-def test_api_works_exactly_as_documented_with_a_fixture_plugin(fixture_dir: Path, tmp_path: Path) -> None:
+def test_api_works_exactly_as_documented_with_a_fixture_plugin(
+    fixture_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    (tmp_path / "config.toml").write_text(f'[trust]\nmodel_dirs = ["{models}"]\n')
+    monkeypatch.setenv("INFERENCE_PIO_CONFIG", str(tmp_path / "config.toml"))
     pm = get_plugin_manager()
     assert pm is get_plugin_manager()
     assert pm.load_plugins_from_directory(fixture_dir) == ["fixture_text"]
     image = tmp_path / "img.jpg"
     image.write_bytes(b"not needed by the fixture")
-    pm.activate_plugin("fixture_text", device="cpu", model_path=str(tmp_path))
+    pm.activate_plugin("fixture_text", device="cpu", model_path=str(models))
     result = pm.execute_plugin("fixture_text", "Describe this image", image=str(image))
     assert result.text == "<image:img.jpg> Describe this image"
     assert result.finish_reason == "stop"
     assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (4, 4)
+    record = pm.get_record("fixture_text")
+    assert (str(record.trust), record.isolated, record.active) == ("low", True, True)  # a directory plugin
     pm.deactivate_plugin("fixture_text")
-    events = pm.get_plugin("fixture_text").__class__.__module__
-    module = __import__(events, fromlist=["EVENTS"])
-    assert module.EVENTS[-3:] == ["initialize", f"load_model device=cpu model_path={tmp_path}", "cleanup"]
-    names = [r.name for r in pm.list_plugins()]
-    assert "fixture_text" in names
+    assert not record.active
+    assert "fixture_text" in [r.name for r in pm.list_plugins()]
     assert pm.get_plugin("fixture_text").metadata.version == "0.3.0"
+
+
+def test_trusted_directory_plugin_runs_in_process_through_its_lifecycle(fixture_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text('[trust]\ndirectory = "high"\n')
+    pm = PluginManager(environ={"INFERENCE_PIO_CONFIG": str(tmp_path / "c.toml")})
+    pm.load_plugins_from_directory(fixture_dir)
+    plugin = pm.activate_plugin("fixture_text", device="cpu", model_path=str(tmp_path))
+    assert not pm.get_record("fixture_text").isolated
+    assert pm.execute_plugin("fixture_text", "in process").text == "in process"
+    pm.deactivate_plugin("fixture_text")
+    events = __import__(type(plugin).__module__, fromlist=["EVENTS"]).EVENTS
+    assert events[-3:] == ["initialize", f"load_model device=cpu model_path={tmp_path.resolve()}", "cleanup"]
 
 
 def test_singleton_is_thread_safe() -> None:
@@ -143,9 +160,8 @@ def test_selection_empty_list_disables_installed_entry_points(tmp_path: Path) ->
 
 
 def test_register_plugin_programmatically_validates_metadata(pm: PluginManager, fixture_dir: Path) -> None:
-    module = pm.load_plugins_from_directory(fixture_dir)
-    assert module
-    factory = type(pm.get_plugin("fixture_text"))
+    assert pm.load_plugins_from_directory(fixture_dir)
+    factory = pm.get_record("fixture_text").factory
     meta = factory().metadata.model_dump()
     meta["name"] = "my_programmatic"
     record = pm.register_plugin("my_programmatic", factory, ModelPluginMetadata(**meta))

@@ -70,3 +70,20 @@ class ContextLengthError(InvalidRequestError):
 
 class ModelLoadError(InferencePIOError):
     """Weights or tokenizer could not be loaded from the given path or hub id."""
+
+
+class ResourceLimitExceeded(InferencePIOError):
+    """An isolated plugin went over one of its resource limits; its worker was ended.
+
+    ``limit`` names the limit (``memory``, ``cpu_seconds``, ``disk_write_bytes``, ``open_files``,
+    ``wall_seconds``) and ``value`` its configured value.
+    """
+
+    def __init__(self, message: str, limit: str, value: float | int | None) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.value = value
+
+
+class PathNotAllowedError(InferencePIOError, PermissionError):
+    """A path is outside the roots a plugin's trust level allows, or is unsafe to load from."""

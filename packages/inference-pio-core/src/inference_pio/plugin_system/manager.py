@@ -8,6 +8,7 @@ import logging
 import sys
 import threading
 from collections.abc import Mapping
+from dataclasses import replace
 from importlib.metadata import EntryPoint
 from pathlib import Path
 from types import ModuleType
@@ -35,6 +36,9 @@ from inference_pio.plugin_system.registry import (
     resolve_factory,
     strict_mode,
 )
+from inference_pio.security.isolated import IsolatedPlugin
+from inference_pio.security.paths import check_directory, custom_code_modules, validate_model_path
+from inference_pio.security.policy import TrustLevel, TrustPolicy
 
 log = logging.getLogger("inference_pio.plugins")
 
@@ -55,6 +59,20 @@ class PluginManager:
         self.selection = Selection.from_env(environ)
         self.strict = strict_mode(environ)
         self.config_manager = config_manager or ConfigManager(environ=environ)
+        self._environ = environ
+        self._trust_policy: TrustPolicy | None = None
+
+    @property
+    def trust_policy(self) -> TrustPolicy:
+        """Trust levels, isolation and limits, from the [trust] and [limits.*] tables of the config file."""
+        if self._trust_policy is None:
+            policy = TrustPolicy.from_config(
+                self.config_manager.section("trust"), self.config_manager.section("limits"), self._environ
+            )
+            if self._environ is not None and self._environ.get("INFERENCE_PIO_IN_WORKER") == "1":
+                policy = replace(policy, isolate_below=TrustLevel.LOW)  # the worker is the sandbox
+            self._trust_policy = policy
+        return self._trust_policy
 
     # -- discovery ------------------------------------------------------------------------------
     def _eps(self) -> list[EntryPoint]:
@@ -168,6 +186,11 @@ class PluginManager:
                 existing.status, existing.error = "broken", error
                 return
             record = PluginRecord(name, source, dist, dist_version, factory=factory)
+            record.trust = self.trust_policy.level_for(name, source, dist)
+            # a worker can re-create plugins from entry points and directories, not from in-process callables
+            record.isolated = self.trust_policy.isolated(record.trust) and source != "programmatic"
+            if source.startswith("directory "):
+                record.directory = source.removeprefix("directory ")
             self._records[name] = record
             try:
                 record.metadata = validate_metadata(metadata, source=f"plugin {name!r} from {source}")
@@ -229,6 +252,18 @@ class PluginManager:
         """The plugin instance (created on first use, not loaded). Raises ``PluginLoadError`` for broken plugins."""
         with self._lock:
             record = self._usable(name)
+            if record.instance is None and record.isolated:
+                assert record.metadata is not None
+                record.instance = IsolatedPlugin(
+                    name,
+                    record.metadata,
+                    level=record.trust,
+                    limits=self.trust_policy.limits_for(record.trust),
+                    hf_cache=self.trust_policy.hf_cache,
+                    distribution=record.distribution,
+                    directory=record.directory,
+                    on_exit=lambda: setattr(record, "active", False),
+                )
             if record.instance is None:
                 try:
                     instance = resolve_factory(record.factory)()
@@ -253,9 +288,9 @@ class PluginManager:
 
     def load_plugins_from_directory(self, directory: str | Path) -> list[str]:
         """Load plugins from modules (``*.py``) and packages in ``directory``; returns the names registered."""
-        path = Path(directory).expanduser().resolve()
-        if not path.is_dir():
-            raise FileNotFoundError(f"plugin directory {path} does not exist or is not a directory")
+        if not Path(directory).expanduser().is_dir():
+            raise FileNotFoundError(f"plugin directory {directory} does not exist or is not a directory")
+        path = check_directory(Path(directory), "plugin directory")
         with self._lock:
             if path in self._loaded_directories:
                 return list(self._loaded_directories[path])
@@ -294,6 +329,7 @@ class PluginManager:
             if record.active:
                 self._deactivate(record)
             resolved = self.config_manager.resolve(name, plugin.default_config(), {"device": device, **config})
+            self._apply_trust(record, resolved.values)
             if not plugin.supports_config(resolved.values):
                 meta = plugin.metadata
                 raise ConfigError(
@@ -310,6 +346,30 @@ class PluginManager:
                 raise
             record.active = True
             return plugin
+
+    def _apply_trust(self, record: PluginRecord, config: dict[str, Any]) -> None:
+        """Validate model_path against the plugin's trust level; cap GPU memory of in-process plugins."""
+        policy = self.trust_policy
+        model_path = config.get("model_path")
+        if model_path:
+            candidate = Path(str(model_path)).expanduser()
+            looks_local = candidate.exists() or str(model_path).startswith(("/", ".", "~"))
+            if looks_local:
+                resolved = validate_model_path(candidate, record.trust, policy.roots_for(record.trust))
+                config["model_path"] = str(resolved)
+                modules = custom_code_modules(resolved)
+                if modules:
+                    log.warning(
+                        "%s: %s ships custom code (%s); it is ignored, never executed",
+                        record.name,
+                        resolved,
+                        ", ".join(modules),
+                    )
+            elif policy.roots_for(record.trust) is not None and record.trust < TrustLevel.MEDIUM:
+                log.info("%s: %s is a hub id; weights come through the Hugging Face cache", record.name, model_path)
+        limits = policy.limits_for(record.trust)
+        if not record.isolated and config.get("gpu_memory_fraction") is None and limits.gpu_memory_fraction:
+            config["gpu_memory_fraction"] = limits.gpu_memory_fraction
 
     def execute_plugin(self, name: str, data: Any, **kwargs: Any) -> Any:
         """Run ``infer`` on an activated plugin."""

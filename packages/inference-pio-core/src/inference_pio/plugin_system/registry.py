@@ -32,6 +32,9 @@ class PluginRecord:
     factory: Any = None  # callable or "module:attr"
     instance: Any = None
     active: bool = False
+    trust: Any = None  # TrustLevel, set on registration
+    isolated: bool = False
+    directory: str | None = None  # for plugins loaded from a directory
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -47,6 +50,8 @@ class PluginRecord:
             "source": self.source,
             "status": self.status,
             "error": None if self.error is None else f"{type(self.error).__name__}: {self.error}",
+            "trust": None if self.trust is None else str(self.trust),
+            "isolated": self.isolated,
             **self.extra,
         }
 

@@ -1,0 +1,328 @@
+"""``IsolatedPlugin``: the manager's stand-in for a plugin that runs in a limited worker process.
+
+It implements the same interface as an in-process plugin, so ``activate_plugin``,
+``execute_plugin`` and streaming work unchanged; every call crosses a pipe to the worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from inference_pio import errors
+from inference_pio.common.interfaces import Message, StreamChunk, TextModelPluginInterface
+from inference_pio.common.metadata import ModelPluginMetadata
+from inference_pio.security import wire
+from inference_pio.security.policy import ResourceLimits, TrustLevel
+
+PASS_ENV = (
+    "PATH",
+    "LANG",
+    "LC_ALL",
+    "TZ",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "OMP_NUM_THREADS",
+    "OPENBLAS_CORETYPE",
+    "OPENBLAS_L2_SIZE",
+    "CUDA_VISIBLE_DEVICES",
+)
+LIMIT_BY_SIGNAL = {signal.SIGXCPU: "cpu_seconds", signal.SIGXFSZ: "disk_write_bytes"}
+
+
+def worker_environment(workdir: Path, hf_cache: Path) -> dict[str, str]:
+    """Only harmless variables pass; secrets (tokens, API keys, credentials) never reach the worker."""
+    env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
+    env.update(
+        {
+            "HOME": str(workdir),
+            "TMPDIR": str(workdir),
+            "HF_HUB_CACHE": str(hf_cache),
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    return env
+
+
+def apply_limits(pid: int, limits: ResourceLimits) -> None:
+    """OS-enforced caps on the worker (set before it imports the plugin)."""
+    pairs = [
+        (resource.RLIMIT_AS, limits.memory_bytes),
+        (resource.RLIMIT_FSIZE, limits.disk_write_bytes),
+        (resource.RLIMIT_NOFILE, limits.open_files),
+    ]
+    for which, value in pairs:
+        if value is not None:
+            resource.prlimit(pid, which, (value, value))
+    if limits.cpu_seconds is not None:
+        resource.prlimit(pid, resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 5))
+
+
+class IsolatedPlugin(TextModelPluginInterface):
+    """Runs the plugin ``name`` in a worker subprocess under ``limits``."""
+
+    def __init__(
+        self,
+        name: str,
+        metadata: ModelPluginMetadata,
+        *,
+        level: TrustLevel,
+        limits: ResourceLimits,
+        hf_cache: Path,
+        distribution: str | None = None,
+        directory: str | None = None,
+        on_exit: Callable[[], None] | None = None,
+    ) -> None:
+        self.name = name
+        self._metadata = metadata
+        self.level = level
+        self.limits = limits
+        self.hf_cache = hf_cache
+        self.spec = {
+            "name": name,
+            "distribution": distribution,
+            "directory": directory,
+            "sys_path": [p for p in sys.path if p and Path(p).is_dir()],
+        }
+        self.on_exit = on_exit
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.workdir: Path | None = None
+        self._to: Any = None
+        self._from: Any = None
+        self._lock = threading.RLock()
+        self.settings: dict[str, Any] = {}
+
+    @property
+    def metadata(self) -> ModelPluginMetadata:
+        return self._metadata
+
+    # -- worker lifecycle ---------------------------------------------------------------------------
+    def initialize(self, **kwargs: Any) -> None:
+        self.settings = dict(kwargs)
+
+    def load_model(self, config: Mapping[str, Any]) -> None:
+        self.cleanup()
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"inference-pio-{self.name}-"))
+        to_worker_r, to_worker_w = os.pipe()
+        from_worker_r, from_worker_w = os.pipe()
+        log = (self.workdir / "worker.log").open("wb")
+        try:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-I",
+                    "-m",
+                    "inference_pio.security.worker",
+                    "--in",
+                    str(to_worker_r),
+                    "--out",
+                    str(from_worker_w),
+                    "--spec",
+                    json.dumps(self.spec),
+                ],
+                pass_fds=(to_worker_r, from_worker_w),
+                cwd=self.workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=worker_environment(self.workdir, self.hf_cache),
+                start_new_session=True,
+            )
+        finally:
+            os.close(to_worker_r)
+            os.close(from_worker_w)
+            log.close()
+        apply_limits(self.proc.pid, self.limits)
+        self._to = os.fdopen(to_worker_w, "wb", buffering=0)
+        self._from = os.fdopen(from_worker_r, "rb", buffering=0)
+        safe = {k: v for k, v in config.items() if k != "config_manager"}
+        self._request({"op": "activate", "config": safe})
+
+    def cleanup(self) -> None:
+        with self._lock:
+            proc, self.proc = self.proc, None
+            if proc is not None:
+                if proc.poll() is None:
+                    try:
+                        wire.send(self._to, {"op": "shutdown"})
+                        proc.wait(10)
+                    except (OSError, wire.WireError, subprocess.TimeoutExpired):
+                        pass
+                self._kill(proc)
+            for stream in (self._to, self._from):
+                if stream is not None:
+                    stream.close()
+            self._to = self._from = None
+            if self.workdir is not None:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+                self.workdir = None
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    # -- calls ----------------------------------------------------------------------------------------
+    def _deadline(self) -> float | None:
+        return None if self.limits.wall_seconds is None else time.monotonic() + self.limits.wall_seconds
+
+    def _receive(self, deadline: float | None) -> dict[str, Any]:
+        assert self.proc is not None
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready, _, _ = select.select([self._from], [], [], timeout)
+        if not ready:
+            self._breach(
+                "wall_seconds",
+                self.limits.wall_seconds,
+                f"took longer than {self.limits.wall_seconds} s of wall-clock time",
+            )
+        try:
+            message = wire.recv(self._from)
+        except wire.WireError:
+            return self._died()  # type: ignore[no-any-return]
+        if "breach" in message:
+            limit = message["breach"]["limit"]
+            self._breach(
+                limit,
+                getattr(self.limits, "memory_bytes" if limit == "memory" else limit, None),
+                message["breach"]["message"],
+            )
+        if "error" in message:
+            self._raise(message["error"])
+        return message
+
+    def _died(self) -> Any:
+        assert self.proc is not None
+        code = self.proc.wait()
+        if code < 0 and -code in LIMIT_BY_SIGNAL:
+            limit = LIMIT_BY_SIGNAL[signal.Signals(-code)]
+            self._breach(limit, getattr(self.limits, limit), f"was stopped by {signal.Signals(-code).name}")
+        if (
+            code < 0
+            and self.limits.memory_bytes is not None
+            and -code in (signal.SIGKILL, signal.SIGSEGV, signal.SIGABRT)
+        ):
+            self._breach(
+                "memory",
+                self.limits.memory_bytes,
+                f"died of {signal.Signals(-code).name}, most likely when an allocation failed under its memory limit",
+            )
+        tail = self._log_tail()
+        self._finish()
+        raise errors.PluginLoadError(
+            f"the worker of plugin {self.name!r} exited unexpectedly (code {code}); "
+            f"activate it again. Worker log:\n{tail}"
+        )
+
+    def _breach(self, limit: str, value: Any, what: str) -> Any:
+        self._finish()
+        shown = f"{value / 2**20:.0f} MiB" if limit in ("memory", "disk_write_bytes") and value else value
+        raise errors.ResourceLimitExceeded(
+            f"plugin {self.name!r} (trust level {self.level}) exceeded its {limit} limit ({shown}): {what}. "
+            "Its worker was ended; activate the plugin again to continue.",
+            limit,
+            value,
+        )
+
+    def _finish(self) -> None:
+        proc = self.proc
+        if proc is not None:
+            self._kill(proc)
+        self.cleanup()
+        if self.on_exit is not None:
+            self.on_exit()
+
+    def _log_tail(self) -> str:
+        try:
+            return (self.workdir / "worker.log").read_text(errors="replace")[-2000:] if self.workdir else ""
+        except OSError:
+            return ""
+
+    @staticmethod
+    def _raise(error: dict[str, Any]) -> Any:
+        kind = getattr(errors, str(error.get("type")), None)
+        message = str(error.get("message"))
+        if isinstance(kind, type) and issubclass(kind, errors.InvalidRequestError):
+            raise kind(message, error.get("param"))
+        if kind is errors.ResourceLimitExceeded:
+            raise errors.ResourceLimitExceeded(message, str(error.get("limit")), error.get("value"))
+        if isinstance(kind, type) and issubclass(kind, errors.InferencePIOError):
+            raise kind(message)
+        raise errors.InferencePIOError(f"plugin raised {error.get('type')}: {message}")
+
+    def _request(self, message: dict[str, Any]) -> Any:
+        with self._lock:
+            if not self.alive:
+                raise errors.PluginNotActiveError(f"plugin {self.name!r} has no running worker; activate it again")
+            try:
+                wire.send(self._to, message)
+            except (OSError, wire.WireError):
+                self._died()
+            return self._receive(self._deadline()).get("ok")
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._request({"op": "call", "method": method, "args": list(args), "kwargs": kwargs})
+
+    def _stream(self, method: str, *args: Any, **kwargs: Any) -> Iterator[StreamChunk]:
+        with self._lock:
+            if not self.alive:
+                raise errors.PluginNotActiveError(f"plugin {self.name!r} has no running worker; activate it again")
+            wire.send(self._to, {"op": "stream", "method": method, "args": list(args), "kwargs": kwargs})
+            deadline = self._deadline()
+            first = self._receive(deadline)  # errors in validation surface before the first chunk
+        return self._chunks(first, deadline)
+
+    def _chunks(self, first: dict[str, Any], deadline: float | None) -> Iterator[StreamChunk]:
+        message, done = first, False
+        try:
+            while "chunk" in message:
+                yield message["chunk"]
+                with self._lock:
+                    message = self._receive(deadline)
+            done = True
+        finally:
+            if not done and self.alive:
+                with self._lock:
+                    try:
+                        wire.send(self._to, {"op": "cancel"})
+                        while "end" not in message:
+                            message = self._receive(deadline)
+                    except errors.InferencePIOError:
+                        pass
+
+    # -- the plugin interface ---------------------------------------------------------------------------
+    def infer(self, data: Any, **kwargs: Any) -> Any:
+        return self._call("infer", data, **kwargs)
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self._call("tokenize", text))
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return str(self._call("detokenize", list(ids)))
+
+    def stream_text(self, prompt: str, **params: Any) -> Iterator[StreamChunk]:
+        return self._stream("stream_text", prompt, **params)
+
+    def stream_chat(self, messages: Sequence[Message], **params: Any) -> Iterator[StreamChunk]:
+        return self._stream("stream_chat", list(messages), **params)

@@ -1,0 +1,167 @@
+"""``TrustLevel``, ``ResourceLimits`` and the policy that maps plugins to them.
+
+Policy (documented in docs/security.md):
+
+=========  ==============  ===============================================  ============  =====================
+level      runs            may read weights from                            pickle        default limits
+=========  ==============  ===============================================  ============  =====================
+LOW        worker process  Hugging Face cache, configured ``model_dirs``    never         4 GiB, 300 s CPU, ...
+MEDIUM     worker process  Hugging Face cache, configured ``model_dirs``    never         16 GiB, 3600 s CPU, ...
+HIGH       in-process      any checked local directory, or the hub          never         GPU memory fraction
+MAXIMUM    in-process      anywhere                                         allowed       none
+=========  ==============  ===============================================  ============  =====================
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from inference_pio.errors import ConfigError
+
+FIRST_PARTY = frozenset({"inference-pio-core", "inference-pio-qwen3-vl-2b", "inference-pio-glm-4-7-flash"})
+
+
+class TrustLevel(enum.IntEnum):
+    LOW = 1
+    MEDIUM = 2
+    HIGH = 3
+    MAXIMUM = 4
+
+    @classmethod
+    def parse(cls, value: Any, where: str) -> TrustLevel:
+        if isinstance(value, TrustLevel):
+            return value
+        try:
+            return cls[str(value).strip().upper()]
+        except KeyError:
+            raise ConfigError(f"{where}: trust level must be low, medium, high or maximum, got {value!r}") from None
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True)
+class ResourceLimits:
+    """Caps for one plugin. ``None`` means unlimited. Enforced by the OS in isolated workers."""
+
+    cpu_seconds: int | None = None
+    memory_bytes: int | None = None  # address space of the worker process
+    disk_write_bytes: int | None = None  # largest file the worker may write
+    open_files: int | None = None
+    wall_seconds: float | None = None  # per call
+    gpu_memory_fraction: float | None = None  # in-process plugins on CUDA
+
+    def describe(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+GIB = 1024**3
+DEFAULT_LIMITS: dict[TrustLevel, ResourceLimits] = {
+    TrustLevel.LOW: ResourceLimits(
+        cpu_seconds=300, memory_bytes=8 * GIB, disk_write_bytes=256 * 1024**2, open_files=256, wall_seconds=120
+    ),
+    TrustLevel.MEDIUM: ResourceLimits(
+        cpu_seconds=3600, memory_bytes=32 * GIB, disk_write_bytes=4 * GIB, open_files=1024, wall_seconds=600
+    ),
+    TrustLevel.HIGH: ResourceLimits(gpu_memory_fraction=0.95),
+    TrustLevel.MAXIMUM: ResourceLimits(),
+}
+
+
+def hf_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if environ is None else environ
+    if env.get("HF_HUB_CACHE"):
+        return Path(env["HF_HUB_CACHE"])
+    home = env.get("HF_HOME") or os.path.join(
+        env.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface"
+    )
+    return Path(home) / "hub"
+
+
+@dataclass(frozen=True)
+class TrustPolicy:
+    """Which level each plugin gets, which levels are isolated, limits per level, and allowed roots."""
+
+    directory: TrustLevel = TrustLevel.LOW
+    third_party: TrustLevel = TrustLevel.MEDIUM
+    first_party: TrustLevel = TrustLevel.HIGH
+    programmatic: TrustLevel = TrustLevel.HIGH
+    isolate_below: TrustLevel = TrustLevel.HIGH
+    plugins: Mapping[str, TrustLevel] | None = None
+    distributions: Mapping[str, TrustLevel] | None = None
+    limits: Mapping[TrustLevel, ResourceLimits] | None = None
+    model_dirs: tuple[Path, ...] = ()
+    hf_cache: Path = Path("~/.cache/huggingface/hub")
+
+    @classmethod
+    def from_config(
+        cls, trust: Mapping[str, Any], limits: Mapping[str, Any], environ: Mapping[str, str] | None = None
+    ) -> TrustPolicy:
+        from inference_pio.common.config_manager import parse_size
+
+        def level(key: str, default: TrustLevel) -> TrustLevel:
+            return TrustLevel.parse(trust[key], f"[trust] {key}") if key in trust else default
+
+        per_level = dict(DEFAULT_LIMITS)
+        for name, table in limits.items():
+            lvl = TrustLevel.parse(name, f"[limits.{name}]")
+            changes: dict[str, Any] = {}
+            for key, value in dict(table).items():
+                if key in ("memory", "memory_bytes"):
+                    changes["memory_bytes"] = parse_size(str(value)) if isinstance(value, str) else int(value)
+                elif key in ("disk", "disk_write_bytes"):
+                    changes["disk_write_bytes"] = parse_size(str(value)) if isinstance(value, str) else int(value)
+                elif key in ("cpu_seconds", "open_files"):
+                    changes[key] = int(value)
+                elif key in ("wall_seconds", "gpu_memory_fraction"):
+                    changes[key] = float(value)
+                else:
+                    raise ConfigError(
+                        f"[limits.{name}] {key}: unknown limit; known: memory, cpu_seconds, disk, "
+                        "open_files, wall_seconds, gpu_memory_fraction"
+                    )
+            per_level[lvl] = replace(per_level[lvl], **changes)
+        return cls(
+            directory=level("directory", TrustLevel.LOW),
+            third_party=level("third_party", TrustLevel.MEDIUM),
+            first_party=level("first_party", TrustLevel.HIGH),
+            programmatic=level("programmatic", TrustLevel.HIGH),
+            isolate_below=level("isolate_below", TrustLevel.HIGH),
+            plugins={k: TrustLevel.parse(v, f"[trust.plugins] {k}") for k, v in trust.get("plugins", {}).items()},
+            distributions={
+                k: TrustLevel.parse(v, f"[trust.distributions] {k}") for k, v in trust.get("distributions", {}).items()
+            },
+            limits=per_level,
+            model_dirs=tuple(Path(p).expanduser() for p in trust.get("model_dirs", [])),
+            hf_cache=hf_cache_dir(environ),
+        )
+
+    def level_for(self, name: str, source: str, distribution: str | None) -> TrustLevel:
+        if self.plugins and name in self.plugins:
+            return self.plugins[name]
+        if distribution and self.distributions and distribution in self.distributions:
+            return self.distributions[distribution]
+        if source.startswith("directory"):
+            return self.directory
+        if source == "programmatic":
+            return self.programmatic
+        if distribution in FIRST_PARTY:
+            return self.first_party
+        return self.third_party
+
+    def isolated(self, level: TrustLevel) -> bool:
+        return level < self.isolate_below
+
+    def limits_for(self, level: TrustLevel) -> ResourceLimits:
+        return (self.limits or DEFAULT_LIMITS)[level]
+
+    def roots_for(self, level: TrustLevel) -> tuple[Path, ...] | None:
+        """Directories weights may come from; ``None`` means any checked directory."""
+        if level >= TrustLevel.HIGH:
+            return None
+        return (self.hf_cache.expanduser(), *self.model_dirs)

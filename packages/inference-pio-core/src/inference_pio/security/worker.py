@@ -1,0 +1,136 @@
+"""The isolated worker: runs one plugin under OS resource limits and answers the manager over pipes.
+
+Started by :class:`inference_pio.security.isolated.IsolatedPlugin` as ``python -I -m
+inference_pio.security.worker``, with a scrubbed environment, its own working directory and rlimits
+applied before the plugin is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import select
+import sys
+from typing import IO, Any
+
+from inference_pio.errors import InferencePIOError
+from inference_pio.security import wire
+
+CALLS = frozenset({"infer", "generate_text", "chat_completion", "tokenize", "detokenize", "supports_config"})
+STREAMS = frozenset({"stream_text", "stream_chat"})
+
+
+def breach_of(exc: BaseException) -> str | None:
+    """Which resource limit an exception means, if any."""
+    if isinstance(exc, MemoryError):
+        return "memory"
+    if isinstance(exc, OSError):
+        if exc.errno == errno.EFBIG:
+            return "disk_write_bytes"
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            return "open_files"
+        if exc.errno == errno.ENOMEM:
+            return "memory"
+    if isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "out of memory" in str(exc)):
+        return "memory"
+    return None
+
+
+def error_message(exc: BaseException) -> dict[str, Any]:
+    return {
+        "error": {
+            "type": type(exc).__name__,
+            "message": str(exc),
+            "param": getattr(exc, "param", None),
+            "limit": getattr(exc, "limit", None),
+            "value": getattr(exc, "value", None),
+        }
+    }
+
+
+def cancelled(inp: IO[bytes]) -> bool:
+    ready, _, _ = select.select([inp], [], [], 0)
+    if not ready:
+        return False
+    return wire.recv(inp).get("op") == "cancel"
+
+
+def serve(spec: dict[str, Any], inp: IO[bytes], out: IO[bytes]) -> int:
+    from inference_pio.plugin_system.manager import PluginManager
+
+    plugin: Any = None
+    while True:
+        try:
+            message = wire.recv(inp)
+        except wire.WireError:
+            return 0
+        op = message.get("op")
+        try:
+            if op == "activate":
+                environ = {
+                    "INFERENCE_PIO_CONFIG": os.devnull,
+                    "INFERENCE_PIO_IN_WORKER": "1",
+                    "INFERENCE_PIO_PLUGINS": ",".join(x for x in (spec["name"], spec.get("distribution")) if x),
+                }
+                manager = PluginManager(environ=environ)
+                if spec.get("directory"):
+                    manager.load_plugins_from_directory(spec["directory"])
+                plugin = manager.get_plugin(spec["name"])
+                config = message["config"]
+                plugin.initialize(**config)
+                plugin.load_model(config)
+                wire.send(out, {"ok": True})
+            elif op == "call" and message.get("method") in CALLS and plugin is not None:
+                result = getattr(plugin, message["method"])(*message.get("args", []), **message.get("kwargs", {}))
+                wire.send(out, {"ok": result})
+            elif op == "stream" and message.get("method") in STREAMS and plugin is not None:
+                stream = getattr(plugin, message["method"])(*message.get("args", []), **message.get("kwargs", {}))
+                for chunk in stream:
+                    wire.send(out, {"chunk": chunk})
+                    if cancelled(inp):
+                        stream.close()
+                        break
+                wire.send(out, {"end": True})
+            elif op == "shutdown":
+                if plugin is not None:
+                    plugin.cleanup()
+                wire.send(out, {"ok": True})
+                return 0
+            elif op == "cancel":
+                continue
+            else:
+                wire.send(out, {"error": {"type": "ProtocolError", "message": f"unknown or invalid op {op!r}"}})
+        except BaseException as exc:
+            limit = breach_of(exc)
+            if limit is not None:
+                try:
+                    wire.send(out, {"breach": {"limit": limit, "message": f"{type(exc).__name__}: {exc}"}})
+                finally:
+                    os._exit(3)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            if not isinstance(exc, InferencePIOError):
+                import traceback
+
+                traceback.print_exc()
+            wire.send(out, error_message(exc))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--in", dest="fd_in", type=int, required=True)
+    parser.add_argument("--out", dest="fd_out", type=int, required=True)
+    parser.add_argument("--spec", required=True)
+    args = parser.parse_args(argv)
+    spec = json.loads(args.spec)
+    for path in reversed(spec.get("sys_path", [])):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    with os.fdopen(args.fd_in, "rb", buffering=0) as inp, os.fdopen(args.fd_out, "wb", buffering=0) as out:
+        return serve(spec, inp, out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
