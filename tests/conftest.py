@@ -28,4 +28,5 @@ def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "core": build_wheel(ROOT / "packages" / "inference-pio-core", out),
         "echo": build_wheel(ROOT / "docs" / "examples" / "inference-pio-echo", out),
         "broken": build_wheel(ROOT / "tests" / "fixtures" / "inference-pio-broken", out),
+        "hog": build_wheel(ROOT / "tests" / "fixtures" / "inference-pio-hog", out),
     }

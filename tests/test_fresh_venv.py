@@ -111,3 +111,39 @@ def test_example_plugin_passes_the_conformance_kit_as_a_pytest_plugin(
     proc = venv.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "1 passed" in proc.stdout
+
+
+def test_pip_installed_plugin_breaching_its_memory_limit_is_stopped(
+    venv: Venv, wheels: dict[str, Path], tmp_path: Path
+) -> None:
+    venv.pip(str(wheels["echo"]), str(wheels["hog"]))
+    config = tmp_path / "limits.toml"
+    config.write_text('[trust]\nthird_party = "low"\n[limits.low]\nmemory = "768MiB"\n')
+    env = {**venv.env, "INFERENCE_PIO_CONFIG": str(config)}
+    rows = {
+        r["name"]: r
+        for r in json.loads(
+            subprocess.run(
+                [str(venv.bin / "inference-pio"), "plugins", "--json"], capture_output=True, text=True, env=env
+            ).stdout
+        )
+    }
+    assert (rows["hog"]["trust"], rows["hog"]["isolated"]) == ("low", True)
+    hog = subprocess.run(
+        [str(venv.bin / "inference-pio"), "run", "hog", "eat", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert hog.returncode == 1
+    assert "exceeded its memory limit (768 MiB)" in hog.stderr
+    assert "Traceback" not in hog.stderr
+    echo = subprocess.run(
+        [str(venv.bin / "inference-pio"), "run", "echo", "still here", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert echo.stdout.strip() == "still here"

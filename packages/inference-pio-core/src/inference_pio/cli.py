@@ -36,13 +36,17 @@ def cmd_plugins(pm: PluginManager, args: argparse.Namespace) -> int:
     elif not rows:
         print("No inference-pio plugins are installed. Install one, e.g.: pip install inference-pio-qwen3-vl-2b")
     else:
-        print(_table(rows, ["name", "version", "distribution", "status", "error"]))
+        for row in rows:
+            row["isolated"] = "yes" if row["isolated"] else "no"
+        print(_table(rows, ["name", "version", "distribution", "status", "trust", "isolated", "error"]))
     return EXIT_OK
 
 
 def cmd_info(pm: PluginManager, args: argparse.Namespace) -> int:
     record = pm.get_record(args.name)
     info: dict[str, Any] = record.as_row()
+    if record.trust is not None:
+        info["limits"] = pm.trust_policy.limits_for(record.trust).describe()
     if record.metadata is not None:
         meta = record.metadata.model_dump()
         meta["memory_requirements_gb"] = {k: round(v / 1e9, 2) for k, v in meta.pop("memory_requirements").items()}

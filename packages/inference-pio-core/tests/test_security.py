@@ -1,0 +1,194 @@
+"""Trust levels, OS-enforced limits in isolated workers, and path validation — with misbehaving plugins."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from inference_pio import PluginManager
+from inference_pio.errors import PathNotAllowedError, ResourceLimitExceeded
+from inference_pio.security.policy import TrustLevel
+
+MISBEHAVING = Path(__file__).parent / "fixtures" / "misbehaving"
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> Path:
+    root = tmp_path / "models"
+    (root / "good").mkdir(parents=True)
+    (root / "good" / "config.json").write_text("{}")
+    return root
+
+
+@pytest.fixture
+def secure(tmp_path: Path, models: Path) -> PluginManager:
+    config = tmp_path / "config.toml"
+    config.write_text(f"""
+[trust]
+model_dirs = ["{models}"]
+
+[limits.low]
+memory = "1GiB"
+cpu_seconds = 3
+disk = "1MiB"
+open_files = 64
+wall_seconds = 20
+
+[trust.plugins]
+sleeper = "low"
+""")
+    pm = PluginManager(environ={"INFERENCE_PIO_CONFIG": str(config), "MY_SECRET_TOKEN": "hunter2"})
+    pm.load_plugins_from_directory(MISBEHAVING)
+    yield pm  # type: ignore[misc]
+    pm.shutdown()
+
+
+def still_serving(pm: PluginManager) -> None:
+    pm.activate_plugin("well_behaved", device="cpu")
+    assert pm.execute_plugin("well_behaved", "all good").text == "all good"
+
+
+@pytest.mark.parametrize(
+    ("plugin", "limit"),
+    [
+        ("memory_hog", "memory"),
+        ("cpu_spinner", "cpu_seconds"),
+        ("disk_filler", "disk_write_bytes"),
+        ("file_hoarder", "open_files"),
+    ],
+)
+def test_breaches_end_the_worker_with_a_clear_error(secure: PluginManager, plugin: str, limit: str) -> None:
+    record = secure.get_record(plugin)
+    assert (record.trust, record.isolated) == (TrustLevel.LOW, True)
+    secure.activate_plugin(plugin, device="cpu")
+    proxy = secure.get_plugin(plugin)
+    with pytest.raises(ResourceLimitExceeded) as info:
+        secure.execute_plugin(plugin, "go")
+    assert info.value.limit == limit
+    assert f"exceeded its {limit} limit" in str(info.value)
+    assert not record.active
+    assert not proxy.alive  # type: ignore[attr-defined]
+    still_serving(secure)
+    secure.activate_plugin(plugin, device="cpu")  # it can be activated again
+    assert record.active
+
+
+def test_a_hang_is_cut_at_the_wall_clock_limit(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[limits.low]\nwall_seconds = 1.5\n")
+    pm = PluginManager(environ={"INFERENCE_PIO_CONFIG": str(config)})
+    pm.load_plugins_from_directory(MISBEHAVING)
+    pm.activate_plugin("sleeper", device="cpu")
+    with pytest.raises(ResourceLimitExceeded, match="wall_seconds") as info:
+        pm.execute_plugin("sleeper", "zzz")
+    assert info.value.value == 1.5
+    still_serving(pm)
+    pm.shutdown()
+
+
+def test_worker_gets_a_scrubbed_environment_and_its_own_directory(secure: PluginManager) -> None:
+    secure.activate_plugin("env_dump", device="cpu")
+    cwd, names = secure.execute_plugin("env_dump", "x").text.split("|")
+    assert "MY_SECRET_TOKEN" not in names.split(",")
+    assert "INFERENCE_PIO_CONFIG" not in names.split(",")
+    assert set(names.split(",")) <= {
+        "PATH",
+        "LANG",
+        "LC_ALL",
+        "TZ",
+        "HOME",
+        "TMPDIR",
+        "HF_HUB_CACHE",
+        "PYTHONDONTWRITEBYTECODE",
+        "PYTHONUNBUFFERED",
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "OMP_NUM_THREADS",
+        "OPENBLAS_CORETYPE",
+        "OPENBLAS_L2_SIZE",
+        "CUDA_VISIBLE_DEVICES",
+        "LC_CTYPE",
+    }
+    assert Path(cwd).name.startswith("inference-pio-env_dump-") and Path(cwd) != Path.cwd()
+
+
+def test_bad_input_crosses_the_worker_boundary_as_the_same_error(secure: PluginManager) -> None:
+    from inference_pio import InvalidRequestError
+
+    secure.activate_plugin("well_behaved", device="cpu")
+    with pytest.raises(InvalidRequestError, match="temperature") as info:
+        secure.execute_plugin("well_behaved", "x", temperature=-3)
+    assert info.value.param == "temperature"
+    streamed = "".join(
+        c.text
+        for c in secure.get_plugin("well_behaved").stream_chat(  # type: ignore[attr-defined]
+            [{"role": "user", "content": "streams too"}]
+        )
+    )
+    assert streamed == "streams too"
+
+
+def test_model_paths_must_stay_inside_allowed_roots(secure: PluginManager, models: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (models / "escape").symlink_to(outside)
+    cases = {
+        str(outside): "outside the roots allowed at trust level low",
+        str(models / ".." / "outside"): "outside the roots",
+        str(models / "escape"): "outside the roots",
+        "/dev/null": "device file",
+        "/etc": "outside the roots",
+    }
+    for path, message in cases.items():
+        with pytest.raises(PathNotAllowedError, match=message) as info:
+            secure.activate_plugin("well_behaved", device="cpu", model_path=path)
+        assert str(models) in str(info.value) or "device" in message
+    secure.activate_plugin("well_behaved", device="cpu", model_path=str(models / "good"))
+    assert secure.get_record("well_behaved").active
+
+
+def test_world_writable_and_pickle_checkpoints_are_refused(secure: PluginManager, models: Path) -> None:
+    open_dir = models / "open"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o777)
+    with pytest.raises(PathNotAllowedError, match="world-writable"):
+        secure.activate_plugin("well_behaved", device="cpu", model_path=str(open_dir))
+    pickled = models / "pickled"
+    pickled.mkdir()
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04N.")
+    with pytest.raises(PathNotAllowedError, match="pytorch_model.bin"):
+        secure.activate_plugin("well_behaved", device="cpu", model_path=str(pickled))
+
+
+def test_plugin_directories_get_the_same_checks(tmp_path: Path) -> None:
+    pm = PluginManager(environ={"INFERENCE_PIO_CONFIG": str(tmp_path / "none.toml")})
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    with pytest.raises(PathNotAllowedError, match="world-writable"):
+        pm.load_plugins_from_directory(shared)
+    os.chmod(shared, 0o755)
+    (shared / "evil.py").write_text("X = 1\n")
+    os.chmod(shared / "evil.py", 0o666)
+    with pytest.raises(PathNotAllowedError, match="evil.py is world-writable"):
+        pm.load_plugins_from_directory(shared)
+
+
+def test_policy_defaults_and_configuration(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[trust]\nisolate_below = "medium"\n[trust.plugins]\nwell_behaved = "maximum"\n')
+    pm = PluginManager(environ={"INFERENCE_PIO_CONFIG": str(config)})
+    pm.load_plugins_from_directory(MISBEHAVING)
+    rows = {r["name"]: r for r in (rec.as_row() for rec in pm.list_plugins())}
+    assert (rows["well_behaved"]["trust"], rows["well_behaved"]["isolated"]) == ("maximum", False)
+    assert (rows["memory_hog"]["trust"], rows["memory_hog"]["isolated"]) == ("low", True)
+    first_party = [r for r in rows.values() if r["distribution"] in ("inference-pio-qwen3-vl-2b",)]
+    assert first_party and first_party[0]["trust"] == "high" and not first_party[0]["isolated"]
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[trust]\ndirectory = "sorta"\n')
+    from inference_pio import ConfigError
+
+    with pytest.raises(ConfigError, match="low, medium, high or maximum"):
+        _ = PluginManager(environ={"INFERENCE_PIO_CONFIG": str(bad)}).trust_policy
