@@ -29,4 +29,5 @@ def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "echo": build_wheel(ROOT / "docs" / "examples" / "inference-pio-echo", out),
         "broken": build_wheel(ROOT / "tests" / "fixtures" / "inference-pio-broken", out),
         "hog": build_wheel(ROOT / "tests" / "fixtures" / "inference-pio-hog", out),
+        "clone": build_wheel(ROOT / "tests" / "fixtures" / "inference-pio-echo-clone", out),
     }

@@ -147,3 +147,17 @@ def test_pip_installed_plugin_breaching_its_memory_limit_is_stopped(
         timeout=300,
     )
     assert echo.stdout.strip() == "still here"
+
+
+def test_two_distributions_claiming_one_name_is_an_error_naming_both(tmp_path: Path, wheels: dict[str, Path]) -> None:
+    env = Venv(tmp_path / "v2")
+    env.pip(str(wheels["core"]), str(wheels["echo"]), str(wheels["clone"]))
+    rows = json.loads(env.run("inference-pio", "plugins", "--json").stdout)
+    echo = [r for r in rows if r["name"] == "echo"]
+    assert len(echo) == 1
+    assert echo[0]["status"] == "broken"
+    assert "inference-pio-echo" in echo[0]["error"]
+    assert "inference-pio-echo-clone" in echo[0]["error"]
+    run = env.run("inference-pio", "run", "echo", "hello", "--device", "cpu")
+    assert run.returncode == 1
+    assert "registered twice" in run.stderr

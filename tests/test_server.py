@@ -408,3 +408,65 @@ def test_sigterm_finishes_in_flight_requests_and_exits_zero(checkpoints: tuple[P
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{proc.url}/health", timeout=2)
     proc.stop()
+
+
+def test_allow_listed_image_hosts_are_fetched(checkpoints: tuple[Path, Path], tmp_path: Path) -> None:
+    """An http image URL from an allow-listed host (a local file server on 127.0.0.1) is fetched and used."""
+    import functools
+    import http.server
+
+    site = tmp_path / "site"
+    site.mkdir()
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 50, 50)).save(buf, format="PNG")
+    (site / "red.png").write_bytes(buf.getvalue())
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[server]\nmodels = ["qwen3_vl_2b"]\nallowed_image_hosts = ["127.0.0.1"]\n'
+        f'[plugins.qwen3_vl_2b]\nmodel_path = "{checkpoints[0]}"\ndevice = "cpu"\nmax_context = 512\n'
+    )
+    proc = ServerProcess(config)
+    try:
+        proc.wait_ready()
+        url = f"http://127.0.0.1:{files.server_address[1]}/red.png"
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "colour?"}]
+        ok = httpx.post(
+            f"{proc.url}/v1/chat/completions",
+            timeout=60,
+            json={"model": "qwen3_vl_2b", "messages": [{"role": "user", "content": content}], "max_tokens": 2},
+        )
+        assert ok.status_code == 200, ok.text
+        inline = [
+            {
+                "type": "image_url",
+                "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()},
+            },
+            {"type": "text", "text": "colour?"},
+        ]
+        same = httpx.post(
+            f"{proc.url}/v1/chat/completions",
+            timeout=60,
+            json={"model": "qwen3_vl_2b", "messages": [{"role": "user", "content": inline}], "max_tokens": 2},
+        )
+        assert ok.json()["usage"] == same.json()["usage"]
+        missing = httpx.post(
+            f"{proc.url}/v1/chat/completions",
+            timeout=60,
+            json={
+                "model": "qwen3_vl_2b",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": url.replace("red", "gone")}}],
+                    }
+                ],
+            },
+        )
+        assert missing.status_code == 400
+        assert "could not fetch" in missing.json()["error"]["message"]
+    finally:
+        proc.stop()
+        files.shutdown()

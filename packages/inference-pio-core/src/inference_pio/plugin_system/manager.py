@@ -223,14 +223,10 @@ class PluginManager:
             return sorted(self._records.values(), key=lambda r: r.name)
 
     def get_record(self, name: str) -> PluginRecord:
-        """The record of ``name``, importing only the entry points needed to find it."""
+        """The record of ``name``. Every entry module is imported first (they are light), so that a
+        second distribution claiming the same name is always detected, never silently shadowed."""
         with self._lock:
-            if name not in self._records:
-                for ep in self._eps():
-                    if ep.name == name:
-                        self._load_entry_point(ep)
-            if name not in self._records:
-                self._load_all_entry_points()
+            self._load_all_entry_points()
             if name not in self._records:
                 known = ", ".join(sorted(self._records)) or "none"
                 raise PluginNotFoundError(
