@@ -28,7 +28,8 @@ def cli(*args: str, stdin: str | None = None, env: dict[str, str] | None = None)
 def test_plugins_json_lists_rows_with_the_documented_keys_and_imports_no_torch() -> None:
     code = (
         "import sys, json; from inference_pio.cli import main; rc = main(['plugins', '--json']);"
-        "print(json.dumps({'rc': rc, 'heavy': [m for m in ('torch', 'transformers') if m in sys.modules]}))"
+        "print(json.dumps({'rc': rc, 'heavy': [m for m in ('torch', 'transformers', 'fastapi', 'uvicorn', 'PIL')"
+        " if m in sys.modules]}))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     out = proc.stdout.strip().splitlines()

@@ -261,12 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-new-tokens", type=int, default=16)
-    try:
-        from inference_pio.server.cli import add_serve_parser
-    except ImportError:
-        pass
-    else:
-        add_serve_parser(sub)
+    from inference_pio.server.cli import add_serve_parser  # light: the server itself is imported by 'serve'
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -281,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pm = get_plugin_manager()
         for directory in args.plugins_dir:
             pm.load_plugins_from_directory(directory)
-        handler = COMMANDS.get(args.command) or args.handler  # 'serve' comes with the [serve] extra
+        handler = COMMANDS.get(args.command) or args.handler
         return int(handler(pm, args))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

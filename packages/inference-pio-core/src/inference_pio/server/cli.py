@@ -6,11 +6,13 @@ import argparse
 import logging
 import os
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from inference_pio.errors import ConfigError
+from inference_pio.errors import ConfigError, InferencePIOError
 from inference_pio.plugin_system.manager import PluginManager
-from inference_pio.server.app import ServedModel, ServerSettings, create_app
+
+if TYPE_CHECKING:
+    from inference_pio.server.app import ServerSettings
 
 log = logging.getLogger("inference_pio.server")
 
@@ -37,6 +39,8 @@ def add_serve_parser(sub: Any) -> None:
 
 
 def settings_from(pm: PluginManager, args: argparse.Namespace) -> tuple[ServerSettings, dict[str, Any]]:
+    from inference_pio.server.app import ServedModel, ServerSettings
+
     section = pm.config_manager.section("server")
     names = [args.name] if args.name else list(section.get("models", []))
     if not names:
@@ -78,7 +82,14 @@ def settings_from(pm: PluginManager, args: argparse.Namespace) -> tuple[ServerSe
 
 
 def cmd_serve(pm: PluginManager, args: argparse.Namespace) -> int:
-    import uvicorn
+    try:
+        import uvicorn
+
+        from inference_pio.server.app import create_app
+    except ImportError as exc:
+        raise InferencePIOError(
+            f"the server needs its extra dependencies ({exc.name} is missing): pip install 'inference-pio-core[serve]'"
+        ) from exc
 
     settings, net = settings_from(pm, args)
     for model in settings.models:
