@@ -389,7 +389,17 @@ def test_sigterm_finishes_in_flight_requests_and_exits_zero(checkpoints: tuple[P
         '\ndevice = "cpu"\nmax_context = 512\n'
     )
     proc = ServerProcess(config, extra_args=("--grace-seconds", "30"))
-    proc.wait_ready()
+    seen: list[tuple[int, str]] = []
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and (not seen or seen[-1][1] != "ready"):
+        try:
+            response = httpx.get(f"{proc.url}/health", timeout=2)
+            seen.append((response.status_code, response.json()["status"]))
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    assert seen[0] == (503, "loading"), seen[:3]  # the port answers while weights load
+    assert seen[-1] == (200, "ready")
+    assert set(seen) <= {(503, "loading"), (200, "ready")}
     body = {
         "model": "glm_4_7_flash",
         "messages": [{"role": "user", "content": "hi"}],
