@@ -67,6 +67,7 @@ def main() -> None:
     rng = random.Random(args.seed)
     lock = threading.Lock()
     stats = {"done": 0, "disconnected": 0, "errors": 0, "tokens": 0}
+    first_errors: list[str] = []
     ttft: list[float] = []
     itl: list[float] = []
     deadline = time.monotonic() + args.seconds
@@ -116,7 +117,8 @@ def main() -> None:
                 except Exception as exc:
                     with lock:
                         stats["errors"] += 1
-                    print(f"client {i}: {exc}", file=sys.stderr)
+                        if len(first_errors) < 3:
+                            first_errors.append(f"client {i}: {type(exc).__name__}: {exc}")
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
     began = time.perf_counter()
@@ -139,6 +141,8 @@ def main() -> None:
         f"(mean {statistics.fmean(itl) * 1e3 if itl else float('nan'):.1f})"
     )
     print(f"  server RSS: {rss_before:.0f} MB before, {rss_after:.0f} MB after")
+    for line in first_errors:
+        print(f"  error: {line}")
     if server is not None:
         metrics = httpx.get(f"{args.url}/metrics").text
         batch = [
