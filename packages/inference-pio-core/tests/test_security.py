@@ -192,3 +192,34 @@ def test_policy_defaults_and_configuration(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="low, medium, high or maximum"):
         _ = PluginManager(environ={"INFERENCE_PIO_CONFIG": str(bad)}).trust_policy
+
+
+def test_isolated_plugin_serves_concurrent_callers_and_streams_consumed_across_threads(
+    secure: PluginManager,
+) -> None:
+    import threading
+
+    secure.activate_plugin("well_behaved", device="cpu")
+    plugin = secure.get_plugin("well_behaved")
+    results: dict[int, str] = {}
+
+    def call(i: int) -> None:
+        if i % 2:
+            results[i] = secure.execute_plugin("well_behaved", f"call {i}").text
+        else:
+            results[i] = "".join(c.text for c in plugin.stream_text(f"call {i}"))  # type: ignore[attr-defined]
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == {i: f"call {i}" for i in range(8)}
+    stream = plugin.stream_text("handed over")  # type: ignore[attr-defined]
+    first: list[str] = []
+    worker = threading.Thread(target=lambda: first.append(next(stream).text))
+    worker.start()
+    worker.join(30)
+    assert first == ["handed over"]
+    stream.close()  # closed on another thread than the one that started it
+    assert secure.execute_plugin("well_behaved", "after").text == "after"

@@ -102,7 +102,8 @@ class IsolatedPlugin(TextModelPluginInterface):
         self.workdir: Path | None = None
         self._to: Any = None
         self._from: Any = None
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # guards start/stop of the worker
+        self._busy = threading.Lock()  # owned by the call or stream using the pipe; any thread may release it
         self.settings: dict[str, Any] = {}
 
     @property
@@ -272,7 +273,7 @@ class IsolatedPlugin(TextModelPluginInterface):
         raise errors.InferencePIOError(f"plugin raised {error.get('type')}: {message}")
 
     def _request(self, message: dict[str, Any]) -> Any:
-        with self._lock:
+        with self._busy:
             if not self.alive:
                 raise errors.PluginNotActiveError(f"plugin {self.name!r} has no running worker; activate it again")
             try:
@@ -285,31 +286,18 @@ class IsolatedPlugin(TextModelPluginInterface):
         return self._request({"op": "call", "method": method, "args": list(args), "kwargs": kwargs})
 
     def _stream(self, method: str, *args: Any, **kwargs: Any) -> Iterator[StreamChunk]:
-        with self._lock:
+        """Start a stream; the worker is held by it until it ends, is closed, or is garbage-collected."""
+        self._busy.acquire()
+        try:
             if not self.alive:
                 raise errors.PluginNotActiveError(f"plugin {self.name!r} has no running worker; activate it again")
             wire.send(self._to, {"op": "stream", "method": method, "args": list(args), "kwargs": kwargs})
             deadline = self._deadline()
             first = self._receive(deadline)  # errors in validation surface before the first chunk
-        return self._chunks(first, deadline)
-
-    def _chunks(self, first: dict[str, Any], deadline: float | None) -> Iterator[StreamChunk]:
-        message, done = first, False
-        try:
-            while "chunk" in message:
-                yield message["chunk"]
-                with self._lock:
-                    message = self._receive(deadline)
-            done = True
-        finally:
-            if not done and self.alive:
-                with self._lock:
-                    try:
-                        wire.send(self._to, {"op": "cancel"})
-                        while "end" not in message:
-                            message = self._receive(deadline)
-                    except errors.InferencePIOError:
-                        pass
+        except BaseException:
+            self._busy.release()
+            raise
+        return _WorkerStream(self, first, deadline)
 
     # -- the plugin interface ---------------------------------------------------------------------------
     def infer(self, data: Any, **kwargs: Any) -> Any:
@@ -326,3 +314,52 @@ class IsolatedPlugin(TextModelPluginInterface):
 
     def stream_chat(self, messages: Sequence[Message], **params: Any) -> Iterator[StreamChunk]:
         return self._stream("stream_chat", list(messages), **params)
+
+
+class _WorkerStream(Iterator[StreamChunk]):
+    """Chunks of one worker stream. Owns the worker's pipe until the stream is finished or closed, so
+    concurrent callers queue instead of interleaving messages (consumers may switch threads)."""
+
+    def __init__(self, plugin: IsolatedPlugin, first: dict[str, Any], deadline: float | None) -> None:
+        self._plugin = plugin
+        self._message: dict[str, Any] | None = first
+        self._deadline = deadline
+        self._open = True
+
+    def __next__(self) -> StreamChunk:
+        if not self._open or self._message is None:
+            raise StopIteration
+        message = self._message
+        if "chunk" not in message:
+            self._release()
+            raise StopIteration
+        try:
+            self._message = None
+            self._message = self._plugin._receive(self._deadline)
+        except BaseException:
+            self._release()
+            raise
+        return message["chunk"]  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        """Stop early: ask the worker to cancel and drain what it already sent."""
+        if not self._open:
+            return
+        try:
+            message = self._message
+            if self._plugin.alive and message is not None and "end" not in message:
+                wire.send(self._plugin._to, {"op": "cancel"})
+                while "end" not in message:
+                    message = self._plugin._receive(self._deadline)
+        except (errors.InferencePIOError, OSError, wire.WireError):
+            pass
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._open:
+            self._open = False
+            self._plugin._busy.release()
+
+    def __del__(self) -> None:
+        self.close()
