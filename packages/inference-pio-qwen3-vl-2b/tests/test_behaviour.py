@@ -130,3 +130,22 @@ def test_tokenize_detokenize_round_trip(plugin: Qwen3VL2BPlugin) -> None:
 def test_memory_plan_is_readable_after_activation(plugin: Qwen3VL2BPlugin) -> None:
     assert plugin.memory_plan is not None
     assert (plugin.memory_plan.dtype, plugin.memory_plan.quantization) == ("float32", "none")
+
+
+def test_the_checkpoint_template_file_wins(checkpoint: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from inference_pio_qwen3_vl_2b.template import CHAT_TEMPLATE
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, copy)
+    (copy / "chat_template.jinja").unlink()
+    marked = CHAT_TEMPLATE.replace("'<|im_start|>assistant\\n'", "'<|im_start|>assistant\\nMARK'")
+    assert marked != CHAT_TEMPLATE
+    (copy / "chat_template.json").write_text(json.dumps({"chat_template": marked}))
+    pm = PluginManager(environ={"INFERENCE_PIO_CONFIG": str(tmp_path / "none.toml")})
+    plugin = pm.activate_plugin("qwen3_vl_2b", device="cpu", model_path=str(copy), max_context=256)
+    ids = plugin.prepare_chat([{"role": "user", "content": "hi"}], {})  # type: ignore[attr-defined]
+    assert plugin.detokenize(ids.ids).endswith("assistant\nMARK")  # type: ignore[attr-defined]
+    pm.shutdown()

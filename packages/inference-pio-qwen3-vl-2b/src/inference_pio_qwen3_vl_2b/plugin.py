@@ -30,19 +30,28 @@ class Qwen3VL2BPlugin(HFTextPlugin):
             local_files_only=bool(config.get("local_files_only")),
             trust_remote_code=False,
         )
-        self.chat_template = self._find_template(source)
+        self.chat_template = self._find_template(source, config)
         vocab = self.tokenizer.get_vocab()
         self.image_pad_id = int(vocab["<|image_pad|>"])
 
-    def _find_template(self, source: str) -> str:
-        """The checkpoint's own template (chat_template.jinja / .json / tokenizer), else ours."""
-        local = Path(source)
-        if (local / "chat_template.jinja").is_file():
-            return (local / "chat_template.jinja").read_text(encoding="utf-8")
-        if (local / "chat_template.json").is_file():
-            import json
+    def _find_template(self, source: str, config: Mapping[str, Any]) -> str:
+        """The checkpoint's own template (chat_template.jinja / .json, local or from the hub cache), else the
+        tokenizer's, else ours."""
+        import json
 
-            return str(json.loads((local / "chat_template.json").read_text(encoding="utf-8"))["chat_template"])
+        from transformers.utils import cached_file
+
+        options = {
+            "revision": config.get("revision"),
+            "local_files_only": bool(config.get("local_files_only")),
+            "_raise_exceptions_for_missing_entries": False,
+            "_raise_exceptions_for_connection_errors": False,
+        }
+        for name in ("chat_template.jinja", "chat_template.json"):
+            found = cached_file(source, name, **options)
+            if found:
+                text = Path(found).read_text(encoding="utf-8")
+                return str(json.loads(text)["chat_template"]) if name.endswith(".json") else text
         return str(getattr(self.tokenizer, "chat_template", None) or CHAT_TEMPLATE)
 
     def apply_template(self, messages: list[dict[str, Any]], options: Mapping[str, Any]) -> str:
