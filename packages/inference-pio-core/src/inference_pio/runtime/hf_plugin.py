@@ -41,7 +41,6 @@ class HFTextPlugin(TextModelPluginInterface):
     def __init__(self) -> None:
         self.model: Any = None
         self.tokenizer: Any = None
-        self.processor: Any = None
         self.engine: Any = None
         self.settings: dict[str, Any] = {}
         self.eos_ids: frozenset[int] = frozenset()
@@ -182,7 +181,7 @@ class HFTextPlugin(TextModelPluginInterface):
             self.scheduler = None
         if self.engine is not None:
             self.engine.release()
-        self.model = self.engine = self.processor = self.tokenizer = None
+        self.model = self.engine = self.tokenizer = None
         self._added_pattern = None
         gc.collect()
         if device.startswith("cuda"):
@@ -253,8 +252,7 @@ class HFTextPlugin(TextModelPluginInterface):
         return Prompt(ids)
 
     def apply_template(self, messages: list[dict[str, Any]], options: Mapping[str, Any]) -> str:
-        template_owner = self.processor if self.processor is not None else self.tokenizer
-        return str(template_owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **options))
+        return str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **options))
 
     def check_context(self, prompt_tokens: int, params: GenerationParams) -> None:
         limit = self.engine.max_len
