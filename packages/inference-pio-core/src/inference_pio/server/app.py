@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -10,7 +11,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from inference_pio.common.interfaces import StreamChunk, TextModelPluginInterface, collect
+from inference_pio.common.interfaces import GenerationResult, StreamChunk, TextModelPluginInterface, collect
 from inference_pio.errors import ContextLengthError, InferencePIOError, InvalidRequestError
 from inference_pio.plugin_system.manager import PluginManager
 from inference_pio.server import protocol
@@ -354,37 +355,40 @@ def create_app(
             )
             plugin = state.plugin(parsed.model)
             model_label = parsed.model
-            streams: list[Iterator[StreamChunk]] = []
-            try:
-                for i in range(parsed.n):
-                    params = parsed.generation_params(seed_offset=i)
-                    if kind == "chat":
-                        messages = await run_in_threadpool(_resolve_images, parsed.messages, settings)
-                        extra = dict(parsed.chat_template_kwargs or {})
-                        if parsed.enable_thinking is not None:
-                            extra["enable_thinking"] = parsed.enable_thinking
-                        streams.append(await run_in_threadpool(plugin.stream_chat, messages, **params, **extra))
-                    else:
-                        streams.append(await run_in_threadpool(plugin.stream_text, parsed.text, **params))
-            except BaseException:
-                for stream in streams:
-                    getattr(stream, "close", lambda: None)()
-                raise
+            make: Callable[[int], Iterator[StreamChunk]]
+            if kind == "chat":
+                messages = await run_in_threadpool(_resolve_images, parsed.messages, settings)
+                extra = dict(parsed.chat_template_kwargs or {})
+                if parsed.enable_thinking is not None:
+                    extra["enable_thinking"] = parsed.enable_thinking
+
+                def make(i: int) -> Iterator[StreamChunk]:
+                    return plugin.stream_chat(messages, **parsed.generation_params(seed_offset=i), **extra)
+            else:
+
+                def make(i: int) -> Iterator[StreamChunk]:
+                    return plugin.stream_text(parsed.text, **parsed.generation_params(seed_offset=i))
+
+            first = await run_in_threadpool(make, 0)  # bad input and a full queue answer before any streaming
         except Exception as exc:
             error = _translate(exc)
             state.metrics.requests.labels(endpoint, model_label, str(error.status)).inc()
             return error.response()
+        # Further choices start when they run: an isolated plugin serves one stream at a time, so creating
+        # them all up front would wait on the first forever.
+        factories: list[Callable[[], Iterator[StreamChunk]]] = [lambda: first]
+        factories += [functools.partial(make, i) for i in range(1, parsed.n)]
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         rid, created = protocol.new_id(prefix), protocol.now()
         if parsed.stream:
             include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
             return StreamingResponse(
-                _sse(state, kind, rid, created, parsed.model, streams, include_usage, arrived, endpoint),
+                _sse(state, kind, rid, created, parsed.model, factories, include_usage, arrived, endpoint),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
         try:
-            results = await asyncio.gather(*(run_in_threadpool(collect, s) for s in streams))
+            results = await asyncio.gather(*(run_in_threadpool(_run_to_end, f) for f in factories))
         except Exception as exc:
             error = _translate(exc)
             state.metrics.requests.labels(endpoint, model_label, str(error.status)).inc()
@@ -434,6 +438,10 @@ def create_app(
     return app
 
 
+def _run_to_end(factory: Callable[[], Iterator[StreamChunk]]) -> GenerationResult:
+    return collect(factory())
+
+
 def _count_tokens(state: ServerState, model: str, prompt: int, completion: int) -> None:
     state.metrics.prompt_tokens.labels(model).inc(prompt)
     state.metrics.completion_tokens.labels(model).inc(completion)
@@ -449,7 +457,7 @@ async def _sse(
     rid: str,
     created: int,
     model: str,
-    streams: list[Iterator[StreamChunk]],
+    streams: list[Callable[[], Iterator[StreamChunk]]],
     include_usage: bool,
     arrived: float,
     endpoint: str,
@@ -457,8 +465,9 @@ async def _sse(
     """Server-sent events for every choice, merged as they arrive; ends with ``data: [DONE]``."""
     queue: asyncio.Queue[tuple[int, StreamChunk | BaseException | None]] = asyncio.Queue()
 
-    async def pump(index: int, stream: Iterator[StreamChunk]) -> None:
+    async def pump(index: int, factory: Callable[[], Iterator[StreamChunk]]) -> None:
         try:
+            stream = await run_in_threadpool(factory)
             async for item in _iterate(stream):
                 await queue.put((index, item))
             await queue.put((index, None))
