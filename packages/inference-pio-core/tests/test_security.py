@@ -223,3 +223,16 @@ def test_isolated_plugin_serves_concurrent_callers_and_streams_consumed_across_t
     assert first == ["handed over"]
     stream.close()  # closed on another thread than the one that started it
     assert secure.execute_plugin("well_behaved", "after").text == "after"
+
+
+def test_callers_queue_for_an_isolated_worker_up_to_a_bound(secure: PluginManager) -> None:
+    from inference_pio.errors import QueueFullError
+
+    secure.activate_plugin("well_behaved", device="cpu")
+    plugin = secure.get_plugin("well_behaved")
+    plugin.max_waiting = 0  # type: ignore[attr-defined]
+    stream = plugin.stream_text("holds the worker")  # type: ignore[attr-defined]
+    with pytest.raises(QueueFullError, match="serves one call at a time"):
+        secure.execute_plugin("well_behaved", "must wait")
+    assert "".join(c.text for c in stream) == "holds the worker"
+    assert secure.execute_plugin("well_behaved", "my turn").text == "my turn"

@@ -87,3 +87,11 @@ class ResourceLimitExceeded(InferencePIOError):
 
 class PathNotAllowedError(InferencePIOError, PermissionError):
     """A path is outside the roots a plugin's trust level allows, or is unsafe to load from."""
+
+
+class QueueFullError(InferencePIOError):
+    """Every slot is busy and the waiting queue is full; retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

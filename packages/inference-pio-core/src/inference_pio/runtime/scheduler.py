@@ -18,20 +18,12 @@ from typing import Any
 import torch
 
 from inference_pio.common.interfaces import GenerationParams
-from inference_pio.errors import InferencePIOError
+from inference_pio.errors import InferencePIOError, QueueFullError
 from inference_pio.runtime.engine import DecodeEngine, Prompt
 from inference_pio.runtime.sampling import make_generator, next_token
 
 log = logging.getLogger("inference_pio.scheduler")
 _DONE = object()
-
-
-class QueueFullError(InferencePIOError):
-    """Every decode slot is busy and the waiting queue is full; retry later."""
-
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class SchedulerStoppedError(InferencePIOError):

@@ -104,6 +104,8 @@ class IsolatedPlugin(TextModelPluginInterface):
         self._from: Any = None
         self._lock = threading.RLock()  # guards start/stop of the worker
         self._busy = threading.Lock()  # owned by the call or stream using the pipe; any thread may release it
+        self._waiting = 0
+        self.max_waiting = 8  # callers queued behind the running one before QueueFullError
         self.settings: dict[str, Any] = {}
 
     @property
@@ -272,22 +274,45 @@ class IsolatedPlugin(TextModelPluginInterface):
             raise kind(message)
         raise errors.InferencePIOError(f"plugin raised {error.get('type')}: {message}")
 
+    def _acquire(self) -> None:
+        """Take the worker's pipe; a bounded number of callers may wait for it."""
+        if self._busy.acquire(blocking=False):
+            return
+        with self._lock:
+            if self._waiting >= self.max_waiting:
+                raise errors.QueueFullError(
+                    f"plugin {self.name!r} runs isolated and serves one call at a time; {self._waiting} callers "
+                    "are already waiting. Retry shortly."
+                )
+            self._waiting += 1
+        try:
+            self._busy.acquire()
+        finally:
+            with self._lock:
+                self._waiting -= 1
+
     def _request(self, message: dict[str, Any]) -> Any:
-        with self._busy:
-            if not self.alive:
-                raise errors.PluginNotActiveError(f"plugin {self.name!r} has no running worker; activate it again")
-            try:
-                wire.send(self._to, message)
-            except (OSError, wire.WireError):
-                self._died()
-            return self._receive(self._deadline()).get("ok")
+        self._acquire()
+        try:
+            return self._exchange(message)
+        finally:
+            self._busy.release()
+
+    def _exchange(self, message: dict[str, Any]) -> Any:
+        if not self.alive:
+            raise errors.PluginNotActiveError(f"plugin {self.name!r} has no running worker; activate it again")
+        try:
+            wire.send(self._to, message)
+        except (OSError, wire.WireError):
+            self._died()
+        return self._receive(self._deadline()).get("ok")
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return self._request({"op": "call", "method": method, "args": list(args), "kwargs": kwargs})
 
     def _stream(self, method: str, *args: Any, **kwargs: Any) -> Iterator[StreamChunk]:
         """Start a stream; the worker is held by it until it ends, is closed, or is garbage-collected."""
-        self._busy.acquire()
+        self._acquire()
         try:
             if not self.alive:
                 raise errors.PluginNotActiveError(f"plugin {self.name!r} has no running worker; activate it again")

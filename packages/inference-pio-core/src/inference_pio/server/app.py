@@ -175,7 +175,8 @@ class ServerState:
 
 
 def _translate(exc: Exception) -> APIError:
-    from inference_pio.runtime.scheduler import QueueFullError, SchedulerStoppedError
+    from inference_pio.errors import QueueFullError
+    from inference_pio.runtime.scheduler import SchedulerStoppedError
 
     if isinstance(exc, APIError):
         return exc
