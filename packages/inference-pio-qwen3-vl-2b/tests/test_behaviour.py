@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from pathlib import Path
 
 import pytest
@@ -148,4 +149,43 @@ def test_the_checkpoint_template_file_wins(checkpoint: Path, tmp_path: Path) -> 
     plugin = pm.activate_plugin("qwen3_vl_2b", device="cpu", model_path=str(copy), max_context=256)
     ids = plugin.prepare_chat([{"role": "user", "content": "hi"}], {})  # type: ignore[attr-defined]
     assert plugin.detokenize(ids.ids).endswith("assistant\nMARK")  # type: ignore[attr-defined]
+    pm.shutdown()
+
+
+def test_batched_decoding_gives_the_same_tokens_as_one_at_a_time(checkpoint: Path, tmp_path: Path) -> None:
+    import threading
+
+    from inference_pio.errors import QueueFullError
+
+    pm = PluginManager(environ={"INFERENCE_PIO_CONFIG": str(tmp_path / "none.toml")})
+    plugin = pm.activate_plugin(
+        "qwen3_vl_2b", device="cpu", model_path=str(checkpoint), max_context=256, max_batch_size=3, max_queue=1
+    )
+    questions = [f"Question number {i}?" for i in range(4)]
+    alone = {
+        q: plugin.chat_completion([{"role": "user", "content": q}], max_new_tokens=16).token_ids  # type: ignore[attr-defined]
+        for q in questions
+    }
+    together: dict[str, tuple[int, ...]] = {}
+
+    def ask(q: str) -> None:
+        together[q] = plugin.chat_completion([{"role": "user", "content": q}], max_new_tokens=16).token_ids  # type: ignore[attr-defined]
+
+    threads = [threading.Thread(target=ask, args=(q,)) for q in questions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert together == alone
+    scheduler = plugin.scheduler  # type: ignore[attr-defined]
+    assert scheduler.steps > 0
+    held = [plugin.stream_text("hold", max_new_tokens=200, ignore_eos=True) for _ in range(4)]  # type: ignore[attr-defined]
+    with pytest.raises(QueueFullError, match="queue of 1 waiting requests is full"):
+        plugin.stream_text("one too many", max_new_tokens=5)  # type: ignore[attr-defined]
+    for stream in held:
+        stream.close()
+    deadline = time.monotonic() + 10
+    while (scheduler.active or scheduler.queue_depth) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (scheduler.active, scheduler.queue_depth) == (0, 0)  # closing unstarted streams freed their slots
     pm.shutdown()

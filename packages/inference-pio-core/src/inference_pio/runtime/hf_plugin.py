@@ -125,6 +125,7 @@ class HFTextPlugin(TextModelPluginInterface):
             max_context=config.get("max_context"),
             max_batch_size=config.get("max_batch_size"),
             max_queue=config.get("max_queue"),
+            scheduler=config.get("scheduler"),
         )
 
     def use_model(
@@ -134,10 +135,13 @@ class HFTextPlugin(TextModelPluginInterface):
         max_context: int | None = None,
         max_batch_size: int | None = None,
         max_queue: int | None = None,
+        scheduler: bool | None = None,
     ) -> None:
         """Attach an already-built model (``load_model`` and benchmarks with random full-size weights use this).
 
-        With ``max_batch_size`` > 1 a :class:`BatchScheduler` decodes concurrent requests together.
+        A :class:`BatchScheduler` (bounded queue, concurrent requests decoded together) runs when
+        ``scheduler`` is true, or when it is None and ``max_batch_size`` > 1; otherwise one request at a
+        time decodes directly on the calling thread.
         """
         from inference_pio.runtime.engine import DecodeEngine
         from inference_pio.runtime.scheduler import BatchScheduler
@@ -149,7 +153,7 @@ class HFTextPlugin(TextModelPluginInterface):
         self.engine = DecodeEngine(model, max_len=max_len, max_slots=int(max_batch_size or 1), mrope=self.MROPE)
         if self.tokenizer is not None:
             self.eos_ids = self.find_eos_ids()
-        if self.engine.max_slots > 1:
+        if scheduler or (scheduler is None and self.engine.max_slots > 1):
             self.scheduler = BatchScheduler(
                 self.engine, self.eos_ids, max_queue=64 if max_queue is None else int(max_queue)
             )
@@ -277,7 +281,7 @@ class HFTextPlugin(TextModelPluginInterface):
             tokens: Iterator[int] = self.scheduler.submit(prompt, params)  # QueueFullError surfaces here
         else:
             tokens = self.engine.generate(prompt, params)
-        return self._stream(prompt, tokens, params)
+        return _Stream(self._stream(prompt, tokens, params), tokens)
 
     def _stream(self, prompt: Any, token_source: Iterator[int], params: GenerationParams) -> Iterator[StreamChunk]:
         from inference_pio.runtime.streaming import IncrementalDetokenizer, StopMatcher
@@ -308,3 +312,21 @@ class HFTextPlugin(TextModelPluginInterface):
             if text:
                 yield StreamChunk(text)
         yield StreamChunk("", finish, Usage(len(prompt.ids), len(generated)), tuple(generated))  # type: ignore[arg-type]
+
+
+class _Stream(Iterator[StreamChunk]):
+    """A chunk stream whose ``close()`` also releases its decode slot when iteration never started
+    (closing an unstarted generator would not run its cleanup)."""
+
+    def __init__(self, chunks: Iterator[StreamChunk], tokens: Iterator[int]) -> None:
+        self._chunks = chunks
+        self._tokens = tokens
+
+    def __next__(self) -> StreamChunk:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        for part in (self._chunks, self._tokens):
+            close = getattr(part, "close", None)
+            if close is not None:
+                close()

@@ -50,7 +50,7 @@ def settings_from(pm: PluginManager, args: argparse.Namespace) -> tuple[ServerSe
         )
     models = []
     for name in names:
-        config: dict[str, Any] = {}
+        config: dict[str, Any] = {"scheduler": True}  # a bounded queue (429) even at --max-batch-size 1
         if args.max_batch_size:  # flag > [plugins.NAME] > [server] > 8
             config["max_batch_size"] = args.max_batch_size
         elif "max_batch_size" not in pm.config_manager.section("plugins", name):
