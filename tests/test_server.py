@@ -82,6 +82,9 @@ def post(
 
 def test_models_are_listed(client: openai.OpenAI) -> None:
     assert sorted(m.id for m in client.models.list()) == ["glm_4_7_flash", "qwen3_vl_2b"]
+    assert client.models.retrieve("glm_4_7_flash").id == "glm_4_7_flash"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
 
 
 @pytest.mark.parametrize("model", ["qwen3_vl_2b", "glm_4_7_flash"])

@@ -344,6 +344,12 @@ def create_app(
         ]
         return JSONResponse({"object": "list", "data": data})
 
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str, request: Request) -> Response:
+        authorize(request)
+        state.plugin(model_id)  # 404 (or 503 while loading) with an OpenAI error body
+        return JSONResponse({"id": model_id, "object": "model", "created": state.created, "owned_by": "inference-pio"})
+
     async def generate(request: Request, kind: protocol.Kind) -> Response:
         arrived = time.perf_counter()
         endpoint = "chat" if kind == "chat" else "completions"
