@@ -27,7 +27,8 @@ CHAT_TEMPLATE = (
     "{{- '</think>' if (enable_thinking is defined and not enable_thinking) else '<think>' -}}{%- endif -%}"
 )
 
-SPECIAL_TOKENS = (
+# Control tokens: roles, masks, modality markers. Never produced from user text.
+CONTROL_TOKENS = (
     "<|endoftext|>",
     "[MASK]",
     "[gMASK]",
@@ -49,17 +50,6 @@ SPECIAL_TOKENS = (
     "<|code_prefix|>",
     "<|code_middle|>",
     "<|code_suffix|>",
-    "/nothink",
-    "<think>",
-    "</think>",
-    "<tool_call>",
-    "</tool_call>",
-    "<tool_response>",
-    "</tool_response>",
-    "<arg_key>",
-    "</arg_key>",
-    "<arg_value>",
-    "</arg_value>",
 )
 # Added tokens that are not special in the published tokenizer (kept by skip_special_tokens).
 PLAIN_TOKENS = (
@@ -75,4 +65,5 @@ PLAIN_TOKENS = (
     "<arg_value>",
     "</arg_value>",
 )
+SPECIAL_TOKENS = CONTROL_TOKENS + PLAIN_TOKENS  # every added token, in the published vocabulary's order
 EOS_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")

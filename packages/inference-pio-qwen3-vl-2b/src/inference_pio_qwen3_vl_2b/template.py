@@ -17,7 +17,8 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 
-SPECIAL_TOKENS = (
+# Control tokens: roles, vision placeholders. Never produced from user text.
+CONTROL_TOKENS = (
     "<|endoftext|>",
     "<|im_start|>",
     "<|im_end|>",
@@ -32,20 +33,7 @@ SPECIAL_TOKENS = (
     "<|vision_pad|>",
     "<|image_pad|>",
     "<|video_pad|>",
-    "<tool_call>",
-    "</tool_call>",
-    "<|fim_prefix|>",
-    "<|fim_middle|>",
-    "<|fim_suffix|>",
-    "<|fim_pad|>",
-    "<|repo_name|>",
-    "<|file_sep|>",
-    "<tool_response>",
-    "</tool_response>",
-    "<think>",
-    "</think>",
 )
-
 # Added tokens that are not special in the published tokenizer (kept by skip_special_tokens).
 PLAIN_TOKENS = (
     "<tool_call>",
@@ -61,3 +49,4 @@ PLAIN_TOKENS = (
     "<think>",
     "</think>",
 )
+SPECIAL_TOKENS = CONTROL_TOKENS + PLAIN_TOKENS  # every added token, in the published vocabulary's order

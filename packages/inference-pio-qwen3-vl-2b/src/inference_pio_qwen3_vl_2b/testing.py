@@ -7,6 +7,7 @@ It loads through exactly the same ``from_pretrained`` path as the published weig
 from __future__ import annotations
 
 import pathlib
+from typing import Any
 
 from inference_pio_qwen3_vl_2b.template import CHAT_TEMPLATE, PLAIN_TOKENS, SPECIAL_TOKENS
 
@@ -15,12 +16,70 @@ QWEN_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# The published token ids of the image/video placeholders (the tiny tokenizer has its own).
+PUBLISHED_IDS = {
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+}
+
+
+def qwen3_vl_config(
+    *, text: dict[str, Any], vision: dict[str, Any], mrope_section: list[int], token_ids: dict[str, int]
+) -> Any:
+    """A ``Qwen3VLConfig`` with the architecture's fixed choices (M-RoPE, 16-px patches, 2x2 merge)."""
+    from transformers import Qwen3VLConfig
+
+    rope = {
+        "rope_type": "default",
+        "rope_theta": 5_000_000.0,
+        "mrope_section": mrope_section,
+        "mrope_interleaved": True,
+    }
+    vision = {
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "hidden_act": "gelu_pytorch_tanh",
+        "num_position_embeddings": 2304,
+        **vision,
+    }
+    return Qwen3VLConfig(
+        text_config={"rms_norm_eps": 1e-6, "rope_parameters": rope, **text},
+        vision_config=vision,
+        tie_word_embeddings=True,
+        **token_ids,
+    )
+
+
+def full_size_config() -> Any:
+    """The published Qwen3-VL-2B-Instruct architecture (for benchmarks with random weights; no download)."""
+    text = dict(
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        max_position_embeddings=262144,
+    )
+    vision = dict(
+        depth=24,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_heads=16,
+        out_hidden_size=2048,
+        deepstack_visual_indexes=[5, 11, 17],
+    )
+    return qwen3_vl_config(text=text, vision=vision, mrope_section=[24, 20, 20], token_ids=PUBLISHED_IDS)
 
 
 def make_tiny_checkpoint(directory: str | pathlib.Path, *, seed: int = 0) -> pathlib.Path:
     """Write the tiny checkpoint into ``directory`` (created if needed) and return its path."""
     import torch
-    from transformers import GenerationConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from inference_pio.testing.tiny_tokenizer import build_tokenizer
@@ -45,14 +104,7 @@ def make_tiny_checkpoint(directory: str | pathlib.Path, *, seed: int = 0) -> pat
         head_dim=16,
         vocab_size=len(tokenizer),
         max_position_embeddings=2048,
-        rms_norm_eps=1e-6,
         initializer_range=0.1,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": 5_000_000.0,
-            "mrope_section": [2, 3, 3],
-            "mrope_interleaved": True,
-        },
     )
     vision = dict(
         depth=2,
@@ -61,22 +113,18 @@ def make_tiny_checkpoint(directory: str | pathlib.Path, *, seed: int = 0) -> pat
         num_heads=4,
         out_hidden_size=64,
         deepstack_visual_indexes=[0],
-        patch_size=16,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        hidden_act="gelu_pytorch_tanh",
-        num_position_embeddings=2304,
         initializer_range=0.1,
     )
-    config = Qwen3VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=vocab["<|image_pad|>"],
-        video_token_id=vocab["<|video_pad|>"],
-        vision_start_token_id=vocab["<|vision_start|>"],
-        vision_end_token_id=vocab["<|vision_end|>"],
-        tie_word_embeddings=True,
-    )
+    token_ids = {
+        key: vocab[token]
+        for key, token in (
+            ("image_token_id", "<|image_pad|>"),
+            ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"),
+            ("vision_end_token_id", "<|vision_end|>"),
+        )
+    }
+    config = qwen3_vl_config(text=text, vision=vision, mrope_section=[2, 3, 3], token_ids=token_ids)
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config).eval()
     model.generation_config = GenerationConfig(
@@ -97,48 +145,3 @@ def make_tiny_checkpoint(directory: str | pathlib.Path, *, seed: int = 0) -> pat
     image_processor.save_pretrained(path)
     (path / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
     return path
-
-
-def full_size_config() -> object:
-    """The published Qwen3-VL-2B-Instruct architecture (for benchmarks with random weights; no download)."""
-    from transformers import Qwen3VLConfig
-
-    text = dict(
-        hidden_size=2048,
-        intermediate_size=6144,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=151936,
-        max_position_embeddings=262144,
-        rms_norm_eps=1e-6,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": 5_000_000.0,
-            "mrope_section": [24, 20, 20],
-            "mrope_interleaved": True,
-        },
-    )
-    vision = dict(
-        depth=24,
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_heads=16,
-        out_hidden_size=2048,
-        deepstack_visual_indexes=[5, 11, 17],
-        num_position_embeddings=2304,
-        patch_size=16,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        hidden_act="gelu_pytorch_tanh",
-    )
-    return Qwen3VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=151655,
-        video_token_id=151656,
-        vision_start_token_id=151652,
-        vision_end_token_id=151653,
-        tie_word_embeddings=True,
-    )
