@@ -361,8 +361,6 @@ class PluginManager:
                         resolved,
                         ", ".join(modules),
                     )
-            elif policy.roots_for(record.trust) is not None and record.trust < TrustLevel.MEDIUM:
-                log.info("%s: %s is a hub id; weights come through the Hugging Face cache", record.name, model_path)
         limits = policy.limits_for(record.trust)
         if not record.isolated and config.get("gpu_memory_fraction") is None and limits.gpu_memory_fraction:
             config["gpu_memory_fraction"] = limits.gpu_memory_fraction

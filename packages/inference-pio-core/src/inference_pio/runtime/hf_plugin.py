@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import logging
 import re
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import closing
 from pathlib import Path
@@ -47,6 +48,7 @@ class HFTextPlugin(TextModelPluginInterface):
         self.source: str | None = None
         self.scheduler: Any = None
         self._added_pattern: re.Pattern[str] | None = None
+        self._tokenizer_lock = threading.Lock()  # encode may touch tokenizer state; requests arrive on many threads
 
     @property
     def metadata(self) -> ModelPluginMetadata:
@@ -213,13 +215,17 @@ class HFTextPlugin(TextModelPluginInterface):
         while start < len(text):
             match = self._added_pattern.search(text, start)
             end = len(text) if match is None else match.start() + 1
-            ids += self.tokenizer.encode(text[start:end], add_special_tokens=False, split_special_tokens=True)
+            # No split_special_tokens=True: it flips a flag on the shared tokenizer, a race between threads
+            # (the cut above already keeps every added token from forming).
+            with self._tokenizer_lock:
+                ids += self.tokenizer.encode(text[start:end], add_special_tokens=False)
             start = end
         return ids
 
     def encode_template(self, text: str) -> list[int]:
         """Tokenize template text, where special-token strings are real special tokens."""
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        with self._tokenizer_lock:
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def detokenize(self, ids: Sequence[int]) -> str:
         self._require_loaded()
