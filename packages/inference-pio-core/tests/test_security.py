@@ -184,6 +184,8 @@ def test_policy_defaults_and_configuration(tmp_path: Path) -> None:
     rows = {r["name"]: r for r in (rec.as_row() for rec in pm.list_plugins())}
     assert (rows["well_behaved"]["trust"], rows["well_behaved"]["isolated"]) == ("maximum", False)
     assert (rows["memory_hog"]["trust"], rows["memory_hog"]["isolated"]) == ("low", True)
+    assert rows["memory_hog"]["limits"]["cpu_seconds"] == 300
+    assert rows["well_behaved"]["limits"] == {}
     first_party = [r for r in rows.values() if r["distribution"] in ("inference-pio-qwen3-vl-2b",)]
     assert first_party and first_party[0]["trust"] == "high" and not first_party[0]["isolated"]
     bad = tmp_path / "bad.toml"

@@ -29,6 +29,25 @@ def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def _limits_text(limits: dict[str, Any]) -> str | None:
+    short = {
+        "memory_bytes": "mem",
+        "disk_write_bytes": "disk",
+        "cpu_seconds": "cpu",
+        "open_files": "files",
+        "wall_seconds": "wall",
+        "gpu_memory_fraction": "gpu",
+    }
+    parts = []
+    for key, value in limits.items():
+        if key.endswith("_bytes"):
+            value = f"{value / 2**30:g}G" if value >= 2**30 else f"{value / 2**20:g}M"
+        elif key.endswith("_seconds"):
+            value = f"{value:g}s"
+        parts.append(f"{short.get(key, key)}={value}")
+    return " ".join(parts) or None
+
+
 def cmd_plugins(pm: PluginManager, args: argparse.Namespace) -> int:
     rows = [r.as_row() for r in pm.list_plugins()]
     if args.json:
@@ -38,15 +57,14 @@ def cmd_plugins(pm: PluginManager, args: argparse.Namespace) -> int:
     else:
         for row in rows:
             row["isolated"] = "yes" if row["isolated"] else "no"
-        print(_table(rows, ["name", "version", "distribution", "status", "trust", "isolated", "error"]))
+            row["limits"] = _limits_text(row.get("limits") or {})
+        print(_table(rows, ["name", "version", "distribution", "status", "trust", "isolated", "limits", "error"]))
     return EXIT_OK
 
 
 def cmd_info(pm: PluginManager, args: argparse.Namespace) -> int:
     record = pm.get_record(args.name)
     info: dict[str, Any] = record.as_row()
-    if record.trust is not None:
-        info["limits"] = pm.trust_policy.limits_for(record.trust).describe()
     if record.metadata is not None:
         meta = record.metadata.model_dump()
         meta["memory_requirements_gb"] = {k: round(v / 1e9, 2) for k, v in meta.pop("memory_requirements").items()}

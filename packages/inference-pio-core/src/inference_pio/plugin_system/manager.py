@@ -189,6 +189,7 @@ class PluginManager:
             record.trust = self.trust_policy.level_for(name, source, dist)
             # a worker can re-create plugins from entry points and directories, not from in-process callables
             record.isolated = self.trust_policy.isolated(record.trust) and source != "programmatic"
+            record.extra["limits"] = self.trust_policy.limits_for(record.trust).describe()
             if source.startswith("directory "):
                 record.directory = source.removeprefix("directory ")
             self._records[name] = record
