@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,24 +180,21 @@ class ConfigManager:
 
     @staticmethod
     def _coerce_env(key: str, raw: str, plugin_defaults: Mapping[str, Any]) -> Any:
-        default = plugin_defaults.get(
-            key, BuiltinConfig.model_fields[key].default if key in BuiltinConfig.model_fields else None
-        )
-        if isinstance(default, bool) or key == "local_files_only":
+        """Environment values are strings: convert to the key's type, taken from ``BuiltinConfig``'s
+        annotation or from the plugin default's type."""
+        if key in BuiltinConfig.model_fields:
+            annotation = BuiltinConfig.model_fields[key].annotation
+            kinds = typing.get_args(annotation) or (annotation,)
+        else:
+            kinds = (type(plugin_defaults.get(key)),)
+        if bool in kinds:
             return raw.strip().lower() in ("1", "true", "yes", "on")
-        if isinstance(default, int) or key in (
-            "max_context",
-            "max_batch_size",
-            "max_queue",
-            "max_images",
-            "max_image_pixels",
-        ):
-            try:
-                return int(raw)
-            except ValueError:
-                raise ConfigError(f"environment value for {key} must be an integer, got {raw!r}") from None
-        if isinstance(default, float):
-            return float(raw)
+        for kind, noun in ((int, "an integer"), (float, "a number")):
+            if kind in kinds:
+                try:
+                    return kind(raw)
+                except ValueError:
+                    raise ConfigError(f"environment value for {key} must be {noun}, got {raw!r}") from None
         return raw
 
     # -- runtime adaptation ---------------------------------------------------------------------
