@@ -37,7 +37,7 @@ from inference_pio.plugin_system.registry import (
     strict_mode,
 )
 from inference_pio.security.isolated import IsolatedPlugin
-from inference_pio.security.paths import check_directory, custom_code_modules, validate_model_path
+from inference_pio.security.paths import check_directory, custom_code_modules, is_hub_id, validate_model_path
 from inference_pio.security.policy import TrustLevel, TrustPolicy
 
 log = logging.getLogger("inference_pio.plugins")
@@ -348,20 +348,17 @@ class PluginManager:
         """Validate model_path against the plugin's trust level; cap GPU memory of in-process plugins."""
         policy = self.trust_policy
         model_path = config.get("model_path")
-        if model_path:
-            candidate = Path(str(model_path)).expanduser()
-            looks_local = candidate.exists() or str(model_path).startswith(("/", ".", "~"))
-            if looks_local:
-                resolved = validate_model_path(candidate, record.trust, policy.roots_for(record.trust))
-                config["model_path"] = str(resolved)
-                modules = custom_code_modules(resolved)
-                if modules:
-                    log.warning(
-                        "%s: %s ships custom code (%s); it is ignored, never executed",
-                        record.name,
-                        resolved,
-                        ", ".join(modules),
-                    )
+        if model_path and not is_hub_id(model_path):  # hub ids download into the HF cache, an allowed root
+            resolved = validate_model_path(Path(str(model_path)), record.trust, policy.roots_for(record.trust))
+            config["model_path"] = str(resolved)
+            modules = custom_code_modules(resolved)
+            if modules:
+                log.warning(
+                    "%s: %s ships custom code (%s); it is ignored, never executed",
+                    record.name,
+                    resolved,
+                    ", ".join(modules),
+                )
         limits = policy.limits_for(record.trust)
         if not record.isolated and config.get("gpu_memory_fraction") is None and limits.gpu_memory_fraction:
             config["gpu_memory_fraction"] = limits.gpu_memory_fraction

@@ -26,6 +26,7 @@ from inference_pio.common.interfaces import (
 from inference_pio.common.memory import checkpoint_parameter_count, requirements_for
 from inference_pio.common.metadata import ModelPluginMetadata
 from inference_pio.errors import ContextLengthError, InvalidRequestError, ModelLoadError, PluginNotActiveError
+from inference_pio.security.paths import is_hub_id
 
 log = logging.getLogger("inference_pio.runtime")
 DEFAULT_CONTEXT = 4096
@@ -63,6 +64,8 @@ class HFTextPlugin(TextModelPluginInterface):
         model_path = config.get("model_path")
         if not model_path:
             return self.metadata.model_id, None
+        if is_hub_id(model_path):
+            return str(model_path), None  # another hub id
         path = Path(model_path).expanduser()
         if path.is_dir():
             path = path.resolve()
@@ -73,8 +76,6 @@ class HFTextPlugin(TextModelPluginInterface):
             return str(path), path
         if path.exists():
             raise ModelLoadError(f"model_path {path} is a file; it must be a checkpoint directory")
-        if "/" in str(model_path) and not str(model_path).startswith((".", "/", "~")):
-            return str(model_path), None  # another hub id
         raise ModelLoadError(f"model_path {path} does not exist")
 
     def load_model(self, config: Mapping[str, Any]) -> None:

@@ -12,6 +12,13 @@ from inference_pio.security.policy import TrustLevel
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
+def is_hub_id(model_path: str | Path) -> bool:
+    """Whether ``model_path`` names a hub repository ('org/name') rather than a local directory: it
+    contains a slash, is not written as a path and does not exist here."""
+    text = str(model_path)
+    return "/" in text and not text.startswith((".", "/", "~")) and not Path(text).expanduser().exists()
+
+
 def _world_writable(mode: int) -> bool:
     return bool(mode & stat.S_IWOTH) and not bool(mode & stat.S_ISVTX)
 
