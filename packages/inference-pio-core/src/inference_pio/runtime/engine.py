@@ -137,7 +137,8 @@ class DecodeEngine:
             else:
                 position_ids = positions
             all_rows = len(slots) == self.max_slots and slots == list(range(self.max_slots))
-            self.cache.seen = max(self.lengths[s] for s in slots)
+            longest = max(self.lengths[s] for s in slots)
+            self.cache.seen = longest
             logits = self._forward(
                 ids,
                 rows,
@@ -146,7 +147,7 @@ class DecodeEngine:
                 all_rows=all_rows,
                 logits_to_keep=1,
                 extra={},
-                last_position=max(self.lengths[s] for s in slots),
+                last_position=longest,
             )
         for slot in slots:
             self.lengths[slot] += 1

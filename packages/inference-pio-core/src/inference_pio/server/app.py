@@ -354,6 +354,12 @@ def create_app(
         arrived = time.perf_counter()
         endpoint = "chat" if kind == "chat" else "completions"
         model_label = "-"
+
+        def failed(exc: Exception) -> Response:
+            error = _translate(exc)
+            state.metrics.requests.labels(endpoint, model_label, str(error.status)).inc()
+            return error.response()
+
         try:
             authorize(request)
             body = await _json_body(request)
@@ -378,9 +384,7 @@ def create_app(
 
             first = await run_in_threadpool(make, 0)  # bad input and a full queue answer before any streaming
         except Exception as exc:
-            error = _translate(exc)
-            state.metrics.requests.labels(endpoint, model_label, str(error.status)).inc()
-            return error.response()
+            return failed(exc)
         # Further choices start when they run: an isolated plugin serves one stream at a time, so creating
         # them all up front would wait on the first forever.
         factories: list[Callable[[], Iterator[StreamChunk]]] = [lambda: first]
@@ -397,9 +401,7 @@ def create_app(
         try:
             results = await asyncio.gather(*(run_in_threadpool(_run_to_end, f) for f in factories))
         except Exception as exc:
-            error = _translate(exc)
-            state.metrics.requests.labels(endpoint, model_label, str(error.status)).inc()
-            return error.response()
+            return failed(exc)
         state.metrics.ttft.labels(parsed.model).observe(time.perf_counter() - arrived)
         prompt_tokens = results[0].usage.prompt_tokens
         completion_tokens = sum(r.usage.completion_tokens for r in results)
