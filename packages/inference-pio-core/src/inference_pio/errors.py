@@ -95,3 +95,7 @@ class QueueFullError(InferencePIOError):
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class SchedulerStoppedError(InferencePIOError):
+    """The scheduler is shutting down and accepts no new requests."""

@@ -18,16 +18,12 @@ from typing import Any
 import torch
 
 from inference_pio.common.interfaces import GenerationParams
-from inference_pio.errors import InferencePIOError, QueueFullError
+from inference_pio.errors import QueueFullError, SchedulerStoppedError
 from inference_pio.runtime.engine import DecodeEngine, Prompt
 from inference_pio.runtime.sampling import make_generator, next_token
 
 log = logging.getLogger("inference_pio.scheduler")
 _DONE = object()
-
-
-class SchedulerStoppedError(InferencePIOError):
-    """The scheduler is shutting down and accepts no new requests."""
 
 
 @dataclass(eq=False)

@@ -175,8 +175,7 @@ class ServerState:
 
 
 def _translate(exc: Exception) -> APIError:
-    from inference_pio.errors import QueueFullError
-    from inference_pio.runtime.scheduler import SchedulerStoppedError
+    from inference_pio.errors import QueueFullError, SchedulerStoppedError
 
     if isinstance(exc, APIError):
         return exc
