@@ -18,7 +18,7 @@ from inference_pio.common.interfaces import StreamChunk, TextModelPluginInterfac
 from inference_pio.errors import InferencePIOError
 from inference_pio.plugin_system.manager import PluginManager, get_plugin_manager
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 130  # argparse itself exits 2 on a usage error
 
 
 def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:

@@ -26,20 +26,6 @@ BYTES_PER_PARAM: dict[Precision, float] = {
     "int8": 1.0,  # bitsandbytes LLM.int8 weights plus per-row scales: about one byte per parameter
     "int4": 0.55,  # NF4 with double-quantized block scales
 }
-SAFETENSORS_DTYPE_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "BF16": 2,
-    "F16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-}
 
 
 @dataclass(frozen=True)
