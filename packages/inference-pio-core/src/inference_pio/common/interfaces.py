@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from inference_pio.common.metadata import ModelPluginMetadata
 from inference_pio.errors import InvalidRequestError
+from inference_pio.parsers import ReasoningParser, ToolCall, ToolCallDelta, ToolCallParser, join_tool_calls
 
 if TYPE_CHECKING:
     from inference_pio.common.config_manager import ConfigManager
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 PLUGIN_API_VERSION = "1.0"
 """Version of the plugin API this core implements; plugins declare the range they support."""
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 Message = Mapping[str, Any]
 """An OpenAI-style chat message: ``{"role": ..., "content": str | list[part]}``."""
 
@@ -45,6 +46,10 @@ class GenerationResult:
     finish_reason: FinishReason
     usage: Usage
     token_ids: tuple[int, ...] = field(default=(), repr=False)
+    reasoning: str | None = None
+    """The model's reasoning, split off ``text`` by the plugin's reasoning parser (None: there was none)."""
+    tool_calls: tuple[ToolCall, ...] = ()
+    """Calls of the functions offered with ``tools=``, parsed out of ``text``."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,8 @@ class StreamChunk:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     token_ids: tuple[int, ...] = field(default=(), repr=False)  # all generated ids, on the final chunk
+    reasoning: str = ""  # reasoning delta (``text`` is the answer's content delta)
+    tool_calls: tuple[ToolCallDelta, ...] = ()  # tool-call deltas, as OpenAI streams them
 
 
 class GenerationParams(BaseModel):
@@ -166,6 +173,16 @@ class TextModelPluginInterface(ModelPluginInterface):
     def stream_chat(self, messages: Sequence[Message], **params: Any) -> Iterator[StreamChunk]:
         """Answer OpenAI-style ``messages``, yielding text deltas as they are decoded."""
 
+    def tool_parser(self, tools: Sequence[Mapping[str, Any]]) -> ToolCallParser | None:
+        """A fresh parser of this model's tool-call format for one request offering ``tools`` (OpenAI tool
+        objects); None (the default) when the model does not call tools."""
+        return None
+
+    def reasoning_parser(self, options: Mapping[str, Any]) -> ReasoningParser | None:
+        """A fresh parser splitting reasoning from the answer for one request with chat ``options``; None
+        (the default) when the model, or these options, produce no separate reasoning."""
+        return None
+
     def generate_text(self, prompt: str, **params: Any) -> GenerationResult:
         """Continue ``prompt``; the non-streaming form of ``stream_text``."""
         return collect(self.stream_text(prompt, **params))
@@ -194,13 +211,24 @@ class TextModelPluginInterface(ModelPluginInterface):
 def collect(chunks: Iterator[StreamChunk]) -> GenerationResult:
     """Join a stream into one result; the same code path as streaming, so both always agree."""
     parts: list[str] = []
+    reasoning: list[str] = []
+    calls: list[ToolCallDelta] = []
     finish: FinishReason | None = None
     usage: Usage | None = None
     token_ids: tuple[int, ...] = ()
     for chunk in chunks:
         parts.append(chunk.text)
+        reasoning.append(chunk.reasoning)
+        calls += chunk.tool_calls
         if chunk.finish_reason is not None:
             finish, usage, token_ids = chunk.finish_reason, chunk.usage, chunk.token_ids
     if finish is None or usage is None:
         raise RuntimeError("stream ended without a final chunk carrying finish_reason and usage")
-    return GenerationResult(text="".join(parts), finish_reason=finish, usage=usage, token_ids=token_ids)
+    return GenerationResult(
+        text="".join(parts),
+        finish_reason=finish,
+        usage=usage,
+        token_ids=token_ids,
+        reasoning="".join(reasoning) or None,
+        tool_calls=join_tool_calls(calls),
+    )
