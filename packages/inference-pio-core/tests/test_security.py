@@ -162,6 +162,90 @@ def test_world_writable_and_pickle_checkpoints_are_refused(secure: PluginManager
         secure.activate_plugin("well_behaved", device="cpu", model_path=str(pickled))
 
 
+def activate_in_thread(pm: PluginManager, model_path: Path, seconds: float = 20) -> BaseException | None:
+    """Activate on a daemon thread so that a validation that blocks fails the test instead of hanging it."""
+    import threading
+
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            pm.activate_plugin("well_behaved", device="cpu", model_path=str(model_path))
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"activate_plugin blocked for {seconds} s on {model_path}"
+    return outcome[0]
+
+
+def test_symlinks_inside_a_checkpoint_are_judged_by_their_target(
+    secure: PluginManager, models: Path, tmp_path: Path
+) -> None:
+    zero = models / "zero"
+    zero.mkdir()
+    (zero / "model.safetensors").symlink_to("/dev/zero")
+    error = activate_in_thread(secure, zero)
+    assert isinstance(error, PathNotAllowedError) and "/dev/zero, which is a device file" in str(error)
+    fifo_dir = models / "fifo"
+    fifo_dir.mkdir()
+    os.mkfifo(tmp_path / "pipe")
+    (fifo_dir / "config.json").symlink_to(models / "pipe-link")
+    (models / "pipe-link").symlink_to(tmp_path / "pipe")
+    error = activate_in_thread(secure, fifo_dir)
+    assert isinstance(error, PathNotAllowedError) and "which is a FIFO" in str(error)
+    leaves = models / "leaves"
+    leaves.mkdir()
+    (tmp_path / "elsewhere.safetensors").write_bytes(b"")
+    (leaves / "model.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    error = activate_in_thread(secure, leaves)
+    assert isinstance(error, PathNotAllowedError) and "leaves the allowed roots" in str(error)
+
+
+def test_hub_cache_layout_with_links_to_blobs_inside_the_root_is_accepted(secure: PluginManager, models: Path) -> None:
+    repo = models / "models--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / "abc123").write_text("{}")
+    snapshot = repo / "snapshots" / "rev"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").symlink_to("../../blobs/abc123")
+    assert activate_in_thread(secure, snapshot) is None
+
+
+@pytest.mark.parametrize("bad", ["fifo", "world_writable", "pickle", "world_writable_folder"])
+def test_subfolders_of_a_checkpoint_are_checked_too(secure: PluginManager, models: Path, bad: str) -> None:
+    checkpoint = models / f"nested-{bad}"
+    sub = checkpoint / "sub" / "deeper"
+    sub.mkdir(parents=True)
+    (checkpoint / "config.json").write_text("{}")
+    if bad == "fifo":
+        os.mkfifo(sub / "weights.safetensors")
+    elif bad == "world_writable":
+        (sub / "weights.safetensors").write_bytes(b"")
+        os.chmod(sub / "weights.safetensors", 0o666)
+    elif bad == "pickle":
+        (sub / "pytorch_model.bin").write_bytes(b"\x80\x04N.")
+    else:
+        os.chmod(sub, 0o777)
+    error = activate_in_thread(secure, checkpoint)
+    expected = {"fifo": "a FIFO", "world_writable": "world-writable", "pickle": "sub/deeper/pytorch_model.bin"}
+    assert isinstance(error, PathNotAllowedError) and expected.get(bad, "world-writable") in str(error)
+
+
+def test_read_checked_refuses_a_fifo_without_blocking(tmp_path: Path) -> None:
+    from inference_pio.security.paths import read_checked
+
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "link").symlink_to(tmp_path / "fifo")
+    with pytest.raises(PathNotAllowedError, match="is a FIFO"):
+        read_checked(tmp_path / "link")
+    (tmp_path / "ok.json").write_text("{}")
+    assert read_checked(tmp_path / "ok.json") == b"{}"
+
+
 def test_plugin_directories_get_the_same_checks(tmp_path: Path) -> None:
     pm = PluginManager(environ={"INFERENCE_PIO_CONFIG": str(tmp_path / "none.toml")})
     shared = tmp_path / "shared"
