@@ -38,7 +38,7 @@ class BuiltinConfig(BaseModel):
     local_files_only: bool = False
     max_context: int | None = Field(default=None, gt=0, description="cap on prompt + new tokens (KV cache length)")
     max_batch_size: int = Field(default=1, ge=1, le=256, description="decode slots kept in the static KV cache")
-    scheduler: bool | None = Field(default=None, description="batch scheduler; None: when max_batch_size > 1")
+    compile: bool | None = Field(default=None, description="compile the decode step (CUDA graphs); None: on CUDA")
     max_queue: int = Field(default=64, ge=0, le=100_000, description="requests waiting for a decode slot")
     gpu_memory_fraction: float | None = Field(default=None, gt=0.0, le=1.0, description="per-process CUDA cap")
     max_images: int = Field(default=8, ge=0, le=64)

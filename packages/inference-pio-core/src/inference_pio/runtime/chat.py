@@ -1,30 +1,41 @@
-"""OpenAI-style chat messages: validation, and template rendering that keeps user text inert.
+"""OpenAI-style chat messages and tools: validation, and template rendering that keeps client text inert.
 
-User-supplied text is swapped for sentinels before the chat template runs and tokenized
-separately afterwards with special-token parsing off, so ``<|im_start|>`` or ``<|image_pad|>``
-typed by a user stays plain text and can never act as a role, control or image token.
+Every string that comes from the client (message text, reasoning, tool calls, tool definitions) is
+"defused" before the chat template runs: a marker is put inside each occurrence of an added-token
+string (``<|im_start|>``, ``<|user|>``, ``</think>``...). The template still sees the real text, so
+whatever it does with content (strip it, test it, serialize it) works as published; afterwards the
+prompt is cut at the markers, so those strings tokenize as plain text and can never act as role,
+control or image tokens, while everything the template wrote tokenizes exactly as transformers'
+``apply_chat_template(tokenize=True)`` would.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from inference_pio.errors import InvalidRequestError
 
-ROLES = ("system", "user", "assistant", "tool")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_MESSAGES = 1024
+MAX_TOOLS = 128
+_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass
 class ChatMessage:
-    role: str
+    role: str  # "developer" arrives as "system" (the templates know system)
     texts: list[str] = field(default_factory=list)
     images: list[Any] = field(default_factory=list)
     order: list[tuple[str, int]] = field(default_factory=list)  # ("text"|"image", index) in content order
+    reasoning: str | None = None  # assistant: reasoning_content
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # assistant: arguments parsed into objects
+    tool_call_id: str | None = None  # tool: the call this result answers
+    name: str | None = None
 
 
 def _image_source(part: Mapping[str, Any], where: str) -> Any:
@@ -45,8 +56,67 @@ def _image_source(part: Mapping[str, Any], where: str) -> Any:
     return source
 
 
+def _json_value(value: Any, where: str) -> Any:
+    """A plain JSON copy of ``value`` (dicts, lists, strings, numbers), or ``InvalidRequestError``."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequestError(f"{where} must be JSON: {exc}", where) from exc
+
+
+def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant message's ``tool_calls``, with each call's ``arguments`` parsed into an object (the
+    form chat templates read)."""
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise InvalidRequestError(f"{where} must be a list of tool calls", where)
+    calls: list[dict[str, Any]] = []
+    for j, call in enumerate(value):
+        cwhere = f"{where}[{j}]"
+        if not isinstance(call, Mapping) or call.get("type", "function") != "function":
+            raise InvalidRequestError(f"{cwhere} must be {{'type': 'function', 'function': {{...}}}}", cwhere)
+        function = call.get("function")
+        name = function.get("name") if isinstance(function, Mapping) else None
+        if not isinstance(name, str) or not name:
+            raise InvalidRequestError(f"{cwhere}.function.name must be a non-empty string", f"{cwhere}.function.name")
+        assert isinstance(function, Mapping)
+        arguments = function.get("arguments")
+        awhere = f"{cwhere}.function.arguments"
+        if arguments is None or arguments == "":
+            arguments = {}
+        elif isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError as exc:
+                raise InvalidRequestError(f"{awhere} is not valid JSON: {exc}", awhere) from exc
+        if not isinstance(arguments, Mapping):
+            raise InvalidRequestError(f"{awhere} must be a JSON object", awhere)
+        entry: dict[str, Any] = {
+            "type": "function",
+            "function": {"name": name, "arguments": _json_value(arguments, awhere)},
+        }
+        if call.get("id") is not None:
+            if not isinstance(call["id"], str):
+                raise InvalidRequestError(f"{cwhere}.id must be a string", f"{cwhere}.id")
+            entry = {"id": call["id"], **entry}
+        calls.append(entry)
+    return calls
+
+
+def _optional_str(msg: Mapping[str, Any], key: str, where: str) -> str | None:
+    value = msg.get(key)
+    if value is not None and not isinstance(value, str):
+        raise InvalidRequestError(f"{where}.{key} must be a string", f"{where}.{key}")
+    return value
+
+
 def normalize_messages(messages: Any, *, allow_images: bool, max_images: int) -> list[ChatMessage]:
-    """Validate OpenAI-style messages into :class:`ChatMessage` objects, or raise ``InvalidRequestError``."""
+    """Validate OpenAI-style messages into :class:`ChatMessage` objects, or raise ``InvalidRequestError``.
+
+    Accepted beside role and content: ``name``; ``tool_calls`` and ``reasoning_content`` on assistant
+    messages; ``tool_call_id`` on tool messages. ``developer`` is OpenAI's newer name for ``system``.
+    """
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise InvalidRequestError("messages must be a list of {'role': ..., 'content': ...} objects", "messages")
     if not messages:
@@ -63,7 +133,15 @@ def normalize_messages(messages: Any, *, allow_images: bool, max_images: int) ->
         if role not in ROLES:
             raise InvalidRequestError(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}", f"{where}.role")
         content = msg.get("content")
-        cm = ChatMessage(str(role))
+        cm = ChatMessage("system" if role == "developer" else str(role))
+        cm.name = _optional_str(msg, "name", where)
+        if role == "assistant":
+            cm.reasoning = _optional_str(msg, "reasoning_content", where)
+            cm.tool_calls = _tool_calls(msg.get("tool_calls"), f"{where}.tool_calls")
+        elif msg.get("tool_calls"):
+            raise InvalidRequestError(f"{where}: only assistant messages carry tool_calls", f"{where}.tool_calls")
+        if role == "tool":
+            cm.tool_call_id = _optional_str(msg, "tool_call_id", where)
         if content is None:
             content = ""
         if isinstance(content, str):
@@ -104,57 +182,153 @@ def normalize_messages(messages: Any, *, allow_images: bool, max_images: int) ->
         else:
             raise InvalidRequestError(f"{where}.content must be a string or a list of parts", f"{where}.content")
         out.append(cm)
-    if not any(t.strip() for m in out for t in m.texts) and not any(m.images for m in out):
+    if not any(t.strip() for m in out for t in m.texts) and not any(m.images or m.tool_calls for m in out):
         raise InvalidRequestError("the prompt is empty: every message has empty content", "messages")
     return out
 
 
 @dataclass(frozen=True)
-class Segment:
-    text: str
-    user: bool  # True: client text, tokenize with special tokens off
+class ToolRequest:
+    """The validated ``tools`` and ``tool_choice`` of a chat request that offers tools."""
+
+    tools: tuple[dict[str, Any], ...]  # OpenAI tool objects, as plain JSON values
+    choice: str  # "auto" | "required" | "function" (one named function: ``function``)
+    function: str | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(t["function"]["name"] for t in self.tools)
+
+
+def normalize_tools(tools: Any, tool_choice: Any) -> ToolRequest | None:
+    """Validate OpenAI ``tools`` and ``tool_choice``; None when no tools are in play (none offered, or
+    ``tool_choice="none"``: then the template gets no tools and the output is not parsed for calls)."""
+    if tool_choice is None:
+        tool_choice = "auto"
+    if tools is None:
+        tools = []
+    if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence):
+        raise InvalidRequestError("tools must be a list of {'type': 'function', 'function': {...}} objects", "tools")
+    if len(tools) > MAX_TOOLS:
+        raise InvalidRequestError(f"{len(tools)} tools is more than the limit of {MAX_TOOLS}", "tools")
+    checked: list[dict[str, Any]] = []
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(tool, Mapping) or tool.get("type") != "function":
+            raise InvalidRequestError(f"{where} must be {{'type': 'function', 'function': {{...}}}}", f"{where}.type")
+        function = tool.get("function")
+        name = function.get("name") if isinstance(function, Mapping) else None
+        if not isinstance(name, str) or not _FUNCTION_NAME.fullmatch(name):
+            raise InvalidRequestError(
+                f"{where}.function.name must be 1 to 64 letters, digits, '_' or '-', got {name!r}",
+                f"{where}.function.name",
+            )
+        assert isinstance(function, Mapping)
+        if not isinstance(function.get("parameters", {}), Mapping):
+            raise InvalidRequestError(f"{where}.function.parameters must be a JSON schema object", where)
+        if any(t["function"]["name"] == name for t in checked):
+            raise InvalidRequestError(f"{where}: two tools are named {name!r}", f"{where}.function.name")
+        checked.append(_json_value(dict(tool), where))
+    named: str | None = None
+    if isinstance(tool_choice, Mapping):
+        function = tool_choice.get("function")
+        named = function.get("name") if isinstance(function, Mapping) else None
+        if tool_choice.get("type") != "function" or not isinstance(named, str):
+            raise InvalidRequestError(
+                "tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}",
+                "tool_choice",
+            )
+        choice = "function"
+    elif tool_choice in ("none", "auto", "required"):
+        choice = str(tool_choice)
+    else:
+        raise InvalidRequestError(
+            f"tool_choice must be 'none', 'auto', 'required' or a named function, got {tool_choice!r}", "tool_choice"
+        )
+    if choice == "none" or (not checked and choice == "auto"):
+        return None
+    if not checked:
+        raise InvalidRequestError(f"tool_choice {choice!r} needs tools; send the functions in 'tools'", "tool_choice")
+    if named is not None and named not in (t["function"]["name"] for t in checked):
+        raise InvalidRequestError(f"tool_choice names {named!r}, which is not among the tools", "tool_choice")
+    return ToolRequest(tuple(checked), choice, named)
+
+
+class _Defuser:
+    """Puts ``mark`` after the first character of every occurrence of an added-token string."""
+
+    def __init__(self, added_tokens: Iterable[str], mark: str) -> None:
+        tokens = sorted({t for t in added_tokens if len(t) > 1}, key=len, reverse=True)
+        self.mark = mark
+        self.starts = re.compile("(?=" + "|".join(re.escape(t) for t in tokens) + ")") if tokens else None
+
+    def text(self, text: str) -> str:
+        if self.starts is None:
+            return text
+        cuts = sorted({m.start() + 1 for m in self.starts.finditer(text)})
+        if not cuts:
+            return text
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        return self.mark.join(pieces)
+
+    def value(self, value: Any) -> Any:
+        """``value`` with every string in it (keys too) defused."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, Mapping):
+            return {self.text(str(k)): self.value(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.value(v) for v in value]
+        return value
 
 
 def render_protected(
     messages: Sequence[ChatMessage],
-    render: Callable[[list[dict[str, Any]]], str],
+    render: Callable[[list[dict[str, Any]], list[dict[str, Any]] | None], str],
     *,
-    structured_content: bool,
-) -> list[Segment]:
-    """Render ``messages`` with the model's template; return template and user text as separate segments.
+    added_tokens: Iterable[str],
+    tools: Sequence[Mapping[str, Any]] = (),
+    split_reasoning: Callable[[str], tuple[str, str] | None] | None = None,
+) -> list[str]:
+    """Render ``messages`` (and ``tools``) with the chat template; return the prompt as pieces to tokenize
+    one by one with added tokens recognised, and concatenate.
 
-    ``render`` receives template-ready messages (content a string, or a list of text/image parts
-    when ``structured_content``) whose texts are sentinels, and returns the rendered prompt.
+    ``render(messages, tools)`` gets template-ready messages (``content`` a string, or a list of
+    text/image parts when the message has images; assistant ``reasoning_content`` and ``tool_calls``
+    with object arguments; tool ``tool_call_id``) and returns the rendered prompt. Client strings in
+    them are defused (see the module docstring); the pieces are the prompt cut at those places.
+
+    ``split_reasoning(content)`` is how the model's template reads reasoning out of an assistant
+    message's content (``(reasoning, answer)``, or None for none); it is applied here, before
+    defusing, to messages without ``reasoning_content``, since a defused ``</think>`` no longer reads
+    as one.
     """
-    nonce = secrets.token_hex(8)
-    texts: list[str] = []
-
-    def sentinel(text: str) -> str:
-        texts.append(text)
-        return f"\ue000{nonce}:{len(texts) - 1}\ue001"
-
+    mark = f"\U000f0000{secrets.token_hex(8)}\U000f0001"
+    defuse = _Defuser(added_tokens, mark)
     template_messages: list[dict[str, Any]] = []
     for m in messages:
-        if structured_content:
-            parts: list[dict[str, Any]] = []
-            for kind, idx in m.order:
-                if kind == "text":
-                    parts.append({"type": "text", "text": sentinel(m.texts[idx])})
-                else:
-                    parts.append({"type": "image"})
-            content: Any = parts
+        entry: dict[str, Any] = {"role": m.role}
+        text = "".join(m.texts)
+        reasoning = m.reasoning
+        if m.role == "assistant" and reasoning is None and split_reasoning is not None:
+            split = split_reasoning(text)
+            if split is not None:
+                reasoning, text = split
+        if m.images:
+            entry["content"] = [
+                {"type": "text", "text": defuse.text(m.texts[idx])} if kind == "text" else {"type": "image"}
+                for kind, idx in m.order
+            ]
         else:
-            content = sentinel("".join(m.texts)) if m.texts else ""
-        template_messages.append({"role": m.role, "content": content})
-    rendered = render(template_messages)
-    segments: list[Segment] = []
-    pattern = re.compile("\ue000" + nonce + r":(\d+)\ue001")
-    pos = 0
-    for match in pattern.finditer(rendered):
-        if match.start() > pos:
-            segments.append(Segment(rendered[pos : match.start()], False))
-        segments.append(Segment(texts[int(match.group(1))], True))
-        pos = match.end()
-    if pos < len(rendered):
-        segments.append(Segment(rendered[pos:], False))
-    return segments
+            entry["content"] = defuse.text(text)
+        if reasoning is not None:
+            entry["reasoning_content"] = defuse.text(reasoning)
+        if m.tool_calls:
+            entry["tool_calls"] = defuse.value(m.tool_calls)
+        if m.tool_call_id is not None:
+            entry["tool_call_id"] = defuse.text(m.tool_call_id)
+        if m.name is not None:
+            entry["name"] = defuse.text(m.name)
+        template_messages.append(entry)
+    rendered = render(template_messages, [defuse.value(t) for t in tools] or None)
+    return rendered.split(mark)

@@ -26,10 +26,39 @@ from inference_pio.common.interfaces import (
 from inference_pio.common.memory import checkpoint_parameter_count, requirements_for
 from inference_pio.common.metadata import ModelPluginMetadata
 from inference_pio.errors import ContextLengthError, InvalidRequestError, ModelLoadError, PluginNotActiveError
+from inference_pio.runtime.contract import TokenStream
 from inference_pio.security.paths import is_hub_id
 
 log = logging.getLogger("inference_pio.runtime")
 DEFAULT_CONTEXT = 4096
+
+
+def from_pretrained_kwargs(plan: Any, device: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``from_pretrained`` arguments for a memory plan on ``device``: one set for every device.
+
+    ``device_map`` is always given (it needs ``accelerate``, a dependency of the runtime extra), so
+    the CPU path that tests run is the path a CUDA user runs.
+    """
+    import transformers
+
+    from inference_pio.runtime.devices import torch_dtype
+
+    kwargs: dict[str, Any] = {
+        "dtype": torch_dtype(plan.dtype),
+        "use_safetensors": True,
+        "trust_remote_code": False,
+        "revision": config.get("revision"),
+        "local_files_only": bool(config.get("local_files_only")),
+        "device_map": device,
+    }
+    if plan.quantization != "none":
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_8bit=plan.quantization == "int8",
+            load_in_4bit=plan.quantization == "int4",
+            bnb_4bit_compute_dtype=torch_dtype(plan.dtype),
+            bnb_4bit_quant_type="nf4",
+        )
+    return kwargs
 
 
 class HFTextPlugin(TextModelPluginInterface):
@@ -38,7 +67,6 @@ class HFTextPlugin(TextModelPluginInterface):
     METADATA: ClassVar[ModelPluginMetadata]
     MODEL_CLASS: ClassVar[str]  # name in the transformers namespace, e.g. "Glm4MoeLiteForCausalLM"
     MROPE: ClassVar[bool] = False
-    CHAT_OPTIONS: ClassVar[frozenset[str]] = frozenset()  # extra chat keywords passed to the template
 
     def __init__(self) -> None:
         self.model: Any = None
@@ -81,7 +109,7 @@ class HFTextPlugin(TextModelPluginInterface):
     def load_model(self, config: Mapping[str, Any]) -> None:
         import torch
 
-        from inference_pio.runtime.devices import resolve_device, torch_dtype
+        from inference_pio.runtime.devices import resolve_device
 
         self.cleanup()
         source, local = self.resolve_source(config)
@@ -95,23 +123,7 @@ class HFTextPlugin(TextModelPluginInterface):
         import transformers
 
         cls = getattr(transformers, self.MODEL_CLASS)
-        kwargs: dict[str, Any] = {
-            "dtype": torch_dtype(plan.dtype),
-            "use_safetensors": True,
-            "trust_remote_code": False,
-            "revision": config.get("revision"),
-            "local_files_only": bool(config.get("local_files_only")),
-        }
-        if plan.quantization != "none":
-            kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
-                load_in_8bit=plan.quantization == "int8",
-                load_in_4bit=plan.quantization == "int4",
-                bnb_4bit_compute_dtype=torch_dtype(plan.dtype),
-                bnb_4bit_quant_type="nf4",
-            )
-            kwargs["device_map"] = device
-        elif device != "cpu":
-            kwargs["device_map"] = device
+        kwargs = from_pretrained_kwargs(plan, device, config)
         try:
             model = cls.from_pretrained(source, **kwargs)
             self.load_processor(source, config)
@@ -128,7 +140,7 @@ class HFTextPlugin(TextModelPluginInterface):
             max_context=config.get("max_context"),
             max_batch_size=config.get("max_batch_size"),
             max_queue=config.get("max_queue"),
-            scheduler=config.get("scheduler"),
+            compile=config.get("compile"),
         )
 
     def use_model(
@@ -138,28 +150,37 @@ class HFTextPlugin(TextModelPluginInterface):
         max_context: int | None = None,
         max_batch_size: int | None = None,
         max_queue: int | None = None,
-        scheduler: bool | None = None,
+        compile: bool | None = None,
     ) -> None:
         """Attach an already-built model (``load_model`` and benchmarks with random full-size weights use this).
 
-        A :class:`BatchScheduler` (bounded queue, concurrent requests decoded together) runs when
-        ``scheduler`` is true, or when it is None and ``max_batch_size`` > 1; otherwise one request at a
-        time decodes directly on the calling thread.
+        Every request, alone or concurrent, runs through one :class:`Scheduler` with ``max_batch_size``
+        decode slots and a bounded queue. ``compile`` compiles the decode step (CUDA graphs on a GPU);
+        None means on for CUDA, off elsewhere.
         """
         from inference_pio.runtime.engine import DecodeEngine
-        from inference_pio.runtime.scheduler import BatchScheduler
+        from inference_pio.runtime.scheduler import Scheduler
 
         self.model = model
         text_config = model.config.get_text_config()
         limit = int(getattr(text_config, "max_position_embeddings", DEFAULT_CONTEXT))
         max_len = min(int(max_context or DEFAULT_CONTEXT), limit)
-        self.engine = DecodeEngine(model, max_len=max_len, max_slots=int(max_batch_size or 1), mrope=self.MROPE)
+        device = next(model.parameters()).device
+        self.engine = DecodeEngine(
+            model,
+            max_len=max_len,
+            max_slots=int(max_batch_size or 1),
+            mrope=self.MROPE,
+            compile=device.type == "cuda" if compile is None else bool(compile),
+        )
         if self.tokenizer is not None:
             self.eos_ids = self.find_eos_ids()
-        if scheduler or (scheduler is None and self.engine.max_slots > 1):
-            self.scheduler = BatchScheduler(
-                self.engine, self.eos_ids, max_queue=64 if max_queue is None else int(max_queue)
-            )
+        self.engine.warm_up(lambda line: log.info("%s: %s", self.metadata.name, line))
+        if max_queue is None:
+            from inference_pio.common.config_manager import BuiltinConfig
+
+            max_queue = int(BuiltinConfig.model_fields["max_queue"].default)
+        self.scheduler = Scheduler(self.engine, self.eos_ids, max_queue=int(max_queue))
 
     def load_processor(self, source: str, config: Mapping[str, Any]) -> None:
         """Load the tokenizer (and processor); subclasses with images override this."""
@@ -184,7 +205,7 @@ class HFTextPlugin(TextModelPluginInterface):
     def cleanup(self) -> None:
         device = str(self.engine.device) if self.engine is not None else "cpu"
         if self.scheduler is not None:
-            self.scheduler.stop()
+            self.scheduler.close()
             self.scheduler = None
         if self.engine is not None:
             self.engine.release()
@@ -245,25 +266,56 @@ class HFTextPlugin(TextModelPluginInterface):
 
     def stream_chat(self, messages: Sequence[Message], **params: Any) -> Iterator[StreamChunk]:
         self._require_loaded()
-        options = {k: params.pop(k) for k in list(params) if k in self.CHAT_OPTIONS}
-        parsed = GenerationParams.parse(params)
-        prompt = self.prepare_chat(messages, options)
-        return self.run(prompt, parsed)
+        options = self.Options.parse({k: params.pop(k) for k in list(params) if k in self.Options.model_fields})
+        from inference_pio.parsers import parse_stream
+        from inference_pio.runtime.chat import normalize_tools
 
-    def prepare_chat(self, messages: Sequence[Message], options: dict[str, Any]) -> Any:
-        """Turn messages into a :class:`Prompt` with the checkpoint's chat template (text-only default)."""
-        from inference_pio.runtime.chat import normalize_messages, render_protected
+        tools = normalize_tools(params.pop("tools", None), params.pop("tool_choice", None))
+        tool_parser = self.tool_parser(tools.tools) if tools is not None else None
+        if tools is not None and tool_parser is None:
+            raise InvalidRequestError(f"{self.metadata.name} does not call tools; send no 'tools'", "tools")
+        parsed = GenerationParams.parse(params)
+        prompt = self.prepare_chat(messages, options.model_dump(), tools)
+        return parse_stream(
+            self.run(prompt, parsed), reasoning=self.reasoning_parser(options.model_dump()), tools=tool_parser
+        )
+
+    def prepare_chat(self, messages: Sequence[Message], options: dict[str, Any], tools: Any = None) -> Any:
+        """Turn messages (and a ``ToolRequest``) into a :class:`Prompt` with the chat template (text-only default)."""
+        from inference_pio.runtime.chat import normalize_messages
         from inference_pio.runtime.engine import Prompt
 
         norm = normalize_messages(messages, allow_images=False, max_images=0)
-        segments = render_protected(norm, lambda msgs: self.apply_template(msgs, options), structured_content=False)
         ids: list[int] = []
-        for seg in segments:
-            ids += self.tokenize(seg.text) if seg.user else self.encode_template(seg.text)
+        for piece in self.render_chat(norm, options, tools):
+            ids += self.encode_template(piece)
         return Prompt(ids)
 
-    def apply_template(self, messages: list[dict[str, Any]], options: Mapping[str, Any]) -> str:
-        return str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **options))
+    def render_chat(self, messages: Sequence[Any], options: Mapping[str, Any], tools: Any = None) -> list[str]:
+        """The prompt of normalized ``messages`` as pieces to encode one by one (client text stays inert)."""
+        from inference_pio.runtime.chat import render_protected
+
+        return render_protected(
+            messages,
+            lambda msgs, tool_list: self.apply_template(msgs, options, tool_list),
+            added_tokens=self.tokenizer.get_added_vocab(),
+            tools=tools.tools if tools is not None else (),
+            split_reasoning=self.split_reasoning,
+        )
+
+    def split_reasoning(self, content: str) -> tuple[str, str] | None:
+        """``(reasoning, answer)`` as the chat template reads them out of an assistant message's content, or
+        None when it does not (the default); models whose template strips reasoning override this."""
+        return None
+
+    def apply_template(
+        self, messages: list[dict[str, Any]], options: Mapping[str, Any], tools: list[dict[str, Any]] | None = None
+    ) -> str:
+        return str(
+            self.tokenizer.apply_chat_template(
+                messages, tools=tools, tokenize=False, add_generation_prompt=True, **options
+            )
+        )
 
     def check_context(self, prompt_tokens: int, params: GenerationParams) -> None:
         limit = self.engine.max_len
@@ -284,13 +336,10 @@ class HFTextPlugin(TextModelPluginInterface):
     def run(self, prompt: Any, params: GenerationParams) -> Iterator[StreamChunk]:
         """Validate, then return the stream (validation errors surface before the first chunk)."""
         self.check_context(len(prompt.ids), params)
-        if self.scheduler is not None:
-            tokens: Iterator[int] = self.scheduler.submit(prompt, params)  # QueueFullError surfaces here
-        else:
-            tokens = self.engine.generate(prompt, params)
+        tokens = self.scheduler.submit(prompt, params)  # QueueFullError surfaces here
         return _Stream(self._stream(prompt, tokens, params), tokens)
 
-    def _stream(self, prompt: Any, token_source: Iterator[int], params: GenerationParams) -> Iterator[StreamChunk]:
+    def _stream(self, prompt: Any, token_source: TokenStream, params: GenerationParams) -> Iterator[StreamChunk]:
         from inference_pio.runtime.streaming import IncrementalDetokenizer, StopMatcher
 
         detok = IncrementalDetokenizer(self.tokenizer)
@@ -298,11 +347,10 @@ class HFTextPlugin(TextModelPluginInterface):
         generated: list[int] = []
         finish = "length"
         stopped_by_string = False
-        with closing(token_source) as tokens:  # type: ignore[type-var]
+        with closing(token_source) as tokens:
             for token in tokens:
                 generated.append(token)
-                if token in self.eos_ids and not params.ignore_eos:
-                    finish = "stop"
+                if tokens.finish_reason == "stop":  # the runtime ended on end-of-sequence; its text is not shown
                     break
                 text, stopped_by_string = stops.push(detok.push(token))
                 if text:
@@ -310,6 +358,8 @@ class HFTextPlugin(TextModelPluginInterface):
                 if stopped_by_string:
                     finish = "stop"
                     break
+        if token_source.finish_reason == "stop":
+            finish = "stop"
         if not stopped_by_string:  # emit what was held back (partial characters, stop-string prefixes)
             text, hit = stops.push(detok.flush())
             if hit:

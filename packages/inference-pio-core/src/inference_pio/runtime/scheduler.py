@@ -1,8 +1,11 @@
-"""``BatchScheduler``: continuous batching over a :class:`DecodeEngine`'s slots.
+"""``Scheduler``: the one execution path from a submitted prompt to a stream of tokens.
 
-One background thread owns the engine. Requests join the running batch at token boundaries
-(prefilled into a free slot between decode steps) and leave it when they finish or are cancelled,
-so concurrent requests share each decode step instead of waiting for one another.
+One background thread owns a :class:`DecodeEngine`. Each iteration is schedule → run → postprocess:
+waiting requests take free slots and are prefilled, then one decode step advances every slot,
+sampling happens on the device for the whole batch, and the tokens are read back once.
+:meth:`Scheduler._postprocess` is the only place a request finishes. A single request is the same
+path with one slot (the Python API and the CLI); the server runs more slots, so concurrent requests
+share each decode step (continuous batching).
 """
 
 from __future__ import annotations
@@ -13,86 +16,95 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from inference_pio.common.interfaces import GenerationParams
 from inference_pio.errors import QueueFullError, SchedulerStoppedError
-from inference_pio.runtime.engine import DecodeEngine, Prompt
-from inference_pio.runtime.sampling import make_generator, next_token
+from inference_pio.runtime.contract import EndReason, Prompt, RuntimeStats
+from inference_pio.runtime.engine import DecodeEngine
+from inference_pio.runtime.sampling import SamplingState
 
 log = logging.getLogger("inference_pio.scheduler")
-_DONE = object()
+
+
+@dataclass(frozen=True)
+class _End:
+    reason: EndReason
+    error: BaseException | None = None
+    last: int | None = None  # the final token travels with the end, so the reader knows it is the last
 
 
 @dataclass(eq=False)
-class _Request:
+class Sequence:
+    """All per-request state: the prompt, its parameters, its slot, what it has produced."""
+
     prompt: Prompt
     params: GenerationParams
-    out: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
+    out: queue.SimpleQueue[int | _End] = field(default_factory=queue.SimpleQueue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     slot: int = -1
     generated: int = 0
-    last: int = 0
-    history: torch.Tensor | None = None
-    generator: torch.Generator | None = None
 
 
 class TokenStream(Iterator[int]):
     """Token ids of one scheduled request. ``close()`` (or garbage collection) cancels it."""
 
-    def __init__(self, request: _Request) -> None:
-        self._request = request
-        self._finished = False
+    def __init__(self, sequence: Sequence) -> None:
+        self._sequence = sequence
+        self.finish_reason: EndReason | None = None
 
     def __next__(self) -> int:
-        if self._finished:
+        if self.finish_reason is not None:
             raise StopIteration
-        item = self._request.out.get()
-        if item is _DONE:
-            self._finished = True
-            raise StopIteration
-        if isinstance(item, BaseException):
-            self._finished = True
-            raise item
-        return int(item)
+        item = self._sequence.out.get()
+        if isinstance(item, _End):
+            self.finish_reason = item.reason
+            if item.error is not None:
+                raise item.error
+            if item.last is None:
+                raise StopIteration
+            return item.last
+        return item
 
     def close(self) -> None:
-        if not self._finished:
-            self._request.cancelled.set()
-            self._finished = True
+        if self.finish_reason is None:
+            self._sequence.cancelled.set()
+            self.finish_reason = "cancelled"
+
+    cancel = close
 
     def __del__(self) -> None:
         self.close()
 
 
-class BatchScheduler:
-    """Runs prefill and batched decode steps for many requests on one engine."""
+class Scheduler:
+    """Runs prefill and batched decode steps for every request on one engine (a ``GenerationRuntime``)."""
 
     def __init__(
         self,
         engine: DecodeEngine,
         eos_ids: frozenset[int],
         *,
-        max_queue: int = 64,
+        max_queue: int,
         on_step: Callable[[int], None] | None = None,
     ) -> None:
         self.engine = engine
         self.eos_ids = eos_ids
         self.max_queue = max_queue
         self.on_step = on_step
-        self._pending: collections.deque[_Request] = collections.deque()
-        self._active: list[_Request] = []
+        self.sampling = SamplingState.allocate(engine.max_slots, engine.device)
+        self._pending: collections.deque[Sequence] = collections.deque()
+        self._active: list[Sequence] = []
         self._free = list(range(engine.max_slots - 1, -1, -1))
         self._cond = threading.Condition()
         self._stopping = False
         self.steps = 0
-        self.last_batch_size = 0
+        self.tokens = 0
         self._thread = threading.Thread(target=self._run, name="inference-pio-scheduler", daemon=True)
         self._thread.start()
 
-    # -- public -------------------------------------------------------------------------------------
+    # -- the contract -------------------------------------------------------------------------------
     @property
     def queue_depth(self) -> int:
         return len(self._pending)
@@ -101,9 +113,21 @@ class BatchScheduler:
     def active(self) -> int:
         return len(self._active)
 
+    def stats(self) -> RuntimeStats:
+        return RuntimeStats(
+            slots=self.engine.max_slots,
+            active=len(self._active),
+            queued=len(self._pending),
+            steps=self.steps,
+            tokens=self.tokens,
+            compiled=self.engine.compile,
+        )
+
     def submit(self, prompt: Prompt, params: GenerationParams) -> TokenStream:
         """Queue a request; raises ``QueueFullError`` at once when there is no room."""
-        request = _Request(prompt, params)
+        if not prompt.ids or len(prompt.ids) > self.engine.max_len:
+            raise ValueError(f"a prompt must have 1 to {self.engine.max_len} tokens, got {len(prompt.ids)}")
+        sequence = Sequence(prompt, params)
         with self._cond:
             if self._stopping:
                 raise SchedulerStoppedError("the server is shutting down; no new requests are accepted")
@@ -113,26 +137,30 @@ class BatchScheduler:
                     "requests is full; retry shortly",
                     retry_after=1.0,
                 )
-            self._pending.append(request)
+            self._pending.append(sequence)
             self._cond.notify()
-        return TokenStream(request)
+        return TokenStream(sequence)
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def close(self, timeout: float = 30.0) -> None:
         """Finish running requests (up to ``timeout`` seconds), fail queued ones, and end the thread."""
         with self._cond:
             self._stopping = True
-            for request in self._pending:
-                request.out.put(SchedulerStoppedError("the server shut down before this request started"))
+            for sequence in self._pending:
+                sequence.out.put(
+                    _End("error", SchedulerStoppedError("the server shut down before this request started"))
+                )
             self._pending.clear()
             self._cond.notify()
         self._thread.join(timeout)
         with self._cond:
-            for request in self._active:
-                request.cancelled.set()
+            for sequence in self._active:
+                sequence.cancelled.set()
             self._cond.notify()
         self._thread.join(5)
 
-    # -- loop ---------------------------------------------------------------------------------------
+    stop = close
+
+    # -- the loop -----------------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -140,73 +168,91 @@ class BatchScheduler:
                     self._cond.wait()
                 if self._stopping and not self._active:
                     return
-                admit: list[_Request] = []
+                admit: list[Sequence] = []
                 while self._pending and self._free:
-                    request = self._pending.popleft()
-                    if request.cancelled.is_set():
-                        request.out.put(_DONE)
+                    sequence = self._pending.popleft()
+                    if sequence.cancelled.is_set():
+                        sequence.out.put(_End("cancelled"))
                         continue
-                    request.slot = self._free.pop()
-                    admit.append(request)
-            for request in self._active[:]:
-                if request.cancelled.is_set():
-                    self._finish(request)
-            for request in admit:
-                self._prefill(request)
-            if self._active:
-                self._decode()
+                    sequence.slot = self._free.pop()
+                    admit.append(sequence)
+            for sequence in self._active[:]:
+                if sequence.cancelled.is_set():
+                    self._finish(sequence, "cancelled")
+            with self.engine.lock:
+                for sequence in admit:
+                    self._prefill(sequence)
+                if self._active:
+                    self._decode()
 
-    def _finish(self, request: _Request, error: BaseException | None = None) -> None:
-        request.out.put(error if error is not None else _DONE)
-        with self._cond:
-            if request in self._active:
-                self._active.remove(request)
-            if request.slot >= 0:
-                self._free.append(request.slot)
-                request.slot = -1
-
-    def _emit(self, request: _Request, logits: torch.Tensor) -> None:
-        assert request.history is not None
-        token = next_token(logits, request.params, request.history, request.generator)
-        request.generated += 1
-        request.last = token
-        request.out.put(token)
-        if request.params.repetition_penalty != 1.0:
-            request.history = torch.cat([request.history, request.history.new_tensor([token])])
-        if (
-            (token in self.eos_ids and not request.params.ignore_eos)
-            or request.generated >= request.params.max_new_tokens
-            or self.engine.lengths[request.slot] >= self.engine.max_len
-        ):
-            self._finish(request)
-
-    def _prefill(self, request: _Request) -> None:
+    def _prefill(self, sequence: Sequence) -> None:
+        engine = self.engine
         try:
-            logits = self.engine.prefill(request.slot, request.prompt)[-1]
-            request.history = torch.tensor(request.prompt.ids, dtype=torch.long, device=self.engine.device)
-            if request.params.temperature > 0:
-                request.generator = make_generator(self.engine.device, request.params.seed)
-            with self._cond:
-                self._active.append(request)
-            self._emit(request, logits)
+            logits = engine.prefill(sequence.slot, sequence.prompt)[-1:]
+            with torch.inference_mode():
+                self.sampling.assign(sequence.slot, sequence.params, sequence.prompt.ids, engine.vocab_size)
+                rows = engine.rows_tensor([sequence.slot])
+                tokens = self.sampling.sample(logits, rows, filters=_filters(sequence.params))
+                engine.tokens[rows, 0] = tokens
         except Exception as exc:  # one bad request must not stop the others
             log.exception("prefill failed")
-            self._finish(request, exc)
+            self._finish(sequence, "error", exc)
+            return
+        with self._cond:
+            self._active.append(sequence)
+        self._postprocess([sequence], tokens.tolist())
 
     def _decode(self) -> None:
-        batch = [r for r in self._active if not r.cancelled.is_set()]
+        batch = [s for s in self._active if not s.cancelled.is_set()]
         if not batch:
             return
+        engine = self.engine
+        slots = [s.slot for s in batch]
         try:
-            logits = self.engine.decode([r.slot for r in batch], [r.last for r in batch])
+            logits = engine.decode_step(slots)
+            with torch.inference_mode():
+                rows = engine.rows_tensor(slots)
+                tokens = self.sampling.sample(logits[rows], rows, filters=any(_filters(s.params) for s in batch))
+                engine.tokens[rows, 0] = tokens
+                picked = tokens.tolist()  # the one host read of the step
         except Exception as exc:
             log.exception("decode step failed")
-            for request in batch:
-                self._finish(request, exc)
+            for sequence in batch:
+                self._finish(sequence, "error", exc)
             return
         self.steps += 1
-        self.last_batch_size = len(batch)
         if self.on_step is not None:
             self.on_step(len(batch))
-        for i, request in enumerate(batch):
-            self._emit(request, logits[i])
+        self._postprocess(batch, picked)
+
+    def _postprocess(self, batch: list[Sequence], tokens: list[int]) -> None:
+        """Hand each sequence its token and decide, here only, whether it is finished."""
+        for sequence, token in zip(batch, tokens):
+            sequence.generated += 1
+            self.tokens += 1
+            if token in self.eos_ids and not sequence.params.ignore_eos:
+                self._finish(sequence, "stop", last=token)
+            elif (
+                sequence.generated >= sequence.params.max_new_tokens
+                or self.engine.lengths[sequence.slot] >= self.engine.max_len
+            ):
+                self._finish(sequence, "length", last=token)
+            else:
+                sequence.out.put(token)
+
+    def _finish(
+        self, sequence: Sequence, reason: EndReason, error: BaseException | None = None, *, last: int | None = None
+    ) -> None:
+        sequence.out.put(_End(reason, error, last))
+        with self._cond:
+            if sequence in self._active:
+                self._active.remove(sequence)
+            if sequence.slot >= 0:
+                self.engine.release_slot(sequence.slot)
+                self._free.append(sequence.slot)
+                sequence.slot = -1
+
+
+def _filters(params: GenerationParams) -> bool:
+    """Whether sampling for ``params`` needs the top-k/top-p sort."""
+    return params.temperature > 0 and (params.top_k > 0 or params.top_p < 1.0)

@@ -12,7 +12,7 @@ from inference_pio.errors import ConfigError, InferencePIOError
 from inference_pio.plugin_system.manager import PluginManager
 
 if TYPE_CHECKING:
-    from inference_pio.server.app import ServerSettings
+    from inference_pio.server.state import ServerSettings
 
 log = logging.getLogger("inference_pio.server")
 
@@ -39,7 +39,7 @@ def add_serve_parser(sub: Any) -> None:
 
 
 def settings_from(pm: PluginManager, args: argparse.Namespace) -> tuple[ServerSettings, dict[str, Any]]:
-    from inference_pio.server.app import ServedModel, ServerSettings
+    from inference_pio.server.state import ServedModel, ServerSettings
 
     section = pm.config_manager.section("server")
     names = [args.name] if args.name else list(section.get("models", []))
@@ -50,7 +50,7 @@ def settings_from(pm: PluginManager, args: argparse.Namespace) -> tuple[ServerSe
         )
     models = []
     for name in names:
-        config: dict[str, Any] = {"scheduler": True}  # a bounded queue (429) even at --max-batch-size 1
+        config: dict[str, Any] = {}
         if args.max_batch_size:  # flag > [plugins.NAME] > [server] > 8
             config["max_batch_size"] = args.max_batch_size
         elif "max_batch_size" not in pm.config_manager.section("plugins", name):
