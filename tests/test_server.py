@@ -202,7 +202,7 @@ BIG = "x" * 2_100_000
             400,
             "max_tokens",
         ),
-        ({"model": "qwen3_vl_2b", "messages": [{"role": "user", "content": "hi"}] * 300}, 400, "messages"),
+        ({"model": "qwen3_vl_2b", "messages": [{"role": "user", "content": "hi"}] * 1025}, 400, "messages"),
         (
             {
                 "model": "qwen3_vl_2b",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from inference_pio.common.interfaces import PluginOptions
 from inference_pio.common.metadata import ModelPluginMetadata
 from inference_pio.runtime.hf_plugin import HFTextPlugin
 from inference_pio_glm_4_7_flash.metadata import METADATA
@@ -16,15 +17,14 @@ class Glm47FlashPlugin(HFTextPlugin):
 
     METADATA: ClassVar[ModelPluginMetadata] = METADATA
     MODEL_CLASS: ClassVar[str] = "Glm4MoeLiteForCausalLM"
-    CHAT_OPTIONS: ClassVar[frozenset[str]] = frozenset({"enable_thinking"})
+
+    class Options(PluginOptions):
+        enable_thinking: bool = True
+        """Think (``<think>...</think>``) before answering; False starts the answer directly."""
 
     def apply_template(self, messages: list[dict[str, Any]], options: Mapping[str, Any]) -> str:
         template = getattr(self.tokenizer, "chat_template", None) or CHAT_TEMPLATE
-        thinking = options.get("enable_thinking", True)
-        if not isinstance(thinking, bool):
-            from inference_pio.errors import InvalidRequestError
-
-            raise InvalidRequestError(f"enable_thinking must be true or false, got {thinking!r}", "enable_thinking")
+        thinking = self.Options.parse(options).enable_thinking
         return str(
             self.tokenizer.apply_chat_template(
                 messages, chat_template=template, tokenize=False, add_generation_prompt=True, enable_thinking=thinking

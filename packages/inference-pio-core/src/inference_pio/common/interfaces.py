@@ -6,7 +6,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -112,6 +112,39 @@ class GenerationParams(BaseModel):
             ) from exc
 
 
+class PluginOptions(BaseModel):
+    """A plugin's typed options: switches its chat template reads (``Options`` on the plugin class).
+
+    A plugin declares its own by subclassing (``class Options(PluginOptions): enable_thinking: bool = True``).
+    Unknown keys and wrong types are refused (strict: ``"yes"`` is not a bool), so options can never carry
+    generation parameters or other keyword arguments past their validation.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        taken = set(cls.model_fields) & {*GenerationParams.model_fields, "messages", "prompt"}
+        if taken:
+            raise TypeError(f"{cls.__qualname__} declares {sorted(taken)}, names that generation already uses")
+
+    @classmethod
+    def parse(cls, values: Mapping[str, Any], prefix: str = "") -> Self:
+        """Validate ``values``, or raise ``InvalidRequestError`` naming the key (``prefix`` + key)."""
+        try:
+            return cls.model_validate(dict(values))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            name = prefix + ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                known = ", ".join(cls.model_fields) or "none"
+                message = f"unknown option '{name}' for this model; its options: {known}"
+            else:
+                message = f"invalid option '{name}': {err['msg']} (got {err.get('input')!r})"
+            raise InvalidRequestError(message, name) from exc
+
+
 class ModelPluginInterface(ABC):
     """What every model plugin implements. Construction must stay cheap: heavy work happens in ``load_model``."""
 
@@ -119,6 +152,8 @@ class ModelPluginInterface(ABC):
     """Set by the manager before ``initialize``; plugins use it to plan memory."""
     memory_plan: MemoryPlan | None = None
     """The dtype/quantization decision of the last ``load_model``, for users to read."""
+    Options: ClassVar[type[PluginOptions]] = PluginOptions
+    """The plugin's chat options (none by default); ``stream_chat`` accepts them as keyword arguments."""
 
     @property
     @abstractmethod

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from inference_pio.common.interfaces import GenerationParams, GenerationResult
+from inference_pio.runtime.chat import MAX_MESSAGES  # torch-free: validation only
+
 MAX_STOP = 4
+Kind = Literal["chat", "completion"]
+DEFAULT_MAX_TOKENS: int = GenerationParams.model_fields["max_new_tokens"].default
+"""Chat default for ``max_tokens``: the plugins' own default, so the server and the Python API agree."""
 
 
 class StreamOptions(BaseModel):
@@ -16,11 +23,16 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Common(BaseModel):
+class GenerationRequest(BaseModel):
+    """What the chat and completion requests share: the model, sampling parameters, ``n``, streaming."""
+
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    default_max_tokens: ClassVar[int] = DEFAULT_MAX_TOKENS
 
     model: str = Field(min_length=1, max_length=256)
-    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    max_tokens: int | None = Field(
+        default=None, ge=1, le=1_000_000, description="new tokens at most; null or absent: the endpoint's default"
+    )
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0, le=1_000_000)
@@ -56,7 +68,7 @@ class _Common(BaseModel):
         return None
 
     def generation_params(self, seed_offset: int = 0) -> dict[str, Any]:
-        params: dict[str, Any] = {"max_new_tokens": self.max_tokens or 256}
+        params: dict[str, Any] = {"max_new_tokens": self.max_tokens or self.default_max_tokens}
         if self.ignore_eos:
             params["ignore_eos"] = True
         for name in ("temperature", "top_p", "top_k", "repetition_penalty"):
@@ -70,13 +82,17 @@ class _Common(BaseModel):
         return params
 
 
-class ChatCompletionRequest(_Common):
-    messages: list[dict[str, Any]] = Field(min_length=1)
+class ChatCompletionRequest(GenerationRequest):
+    messages: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
-    enable_thinking: bool | None = None  # GLM-style switch, passed to chat templates that know it
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        default=None, description="options of the model's chat template, checked against the plugin's Options"
+    )
+    enable_thinking: Any = Field(
+        default=None, description="shorthand for chat_template_kwargs.enable_thinking, for models whose Options have it"
+    )
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.tools:
@@ -92,9 +108,10 @@ class ChatCompletionRequest(_Common):
         return params
 
 
-class CompletionRequest(_Common):
+class CompletionRequest(GenerationRequest):
+    default_max_tokens: ClassVar[int] = 16  # OpenAI's default for /v1/completions
+
     prompt: str | list[str]
-    max_tokens: int | None = Field(default=16, ge=1, le=1_000_000)
     echo: bool = False
     suffix: str | None = None
 
@@ -124,13 +141,40 @@ def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def completion_body(
+    kind: Kind, rid: str, created: int, model: str, results: Sequence[GenerationResult]
+) -> dict[str, Any]:
+    """The non-streaming response: one choice per result, usage summed over the choices."""
+    choices: list[dict[str, Any]]
+    if kind == "chat":
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": r.text},
+                "logprobs": None,
+                "finish_reason": r.finish_reason,
+            }
+            for i, r in enumerate(results)
+        ]
+    else:
+        choices = [
+            {"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
+            for i, r in enumerate(results)
+        ]
+    return {
+        "id": rid,
+        "object": "chat.completion" if kind == "chat" else "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": usage_dict(results[0].usage.prompt_tokens, sum(r.usage.completion_tokens for r in results)),
+    }
+
+
 def error_body(
     message: str, *, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-Kind = Literal["chat", "completion"]
 
 
 def chunk(
