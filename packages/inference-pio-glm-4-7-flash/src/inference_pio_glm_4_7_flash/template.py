@@ -1,31 +1,27 @@
-"""GLM-4.7's chat template (our own Jinja, producing the model's published prompt format).
+"""GLM-4.7's published chat template and its tokens.
 
 ``[gMASK]<sop>``, then ``<|system|>``/``<|user|>``/``<|assistant|>``/``<|observation|>`` turns with no
-separators. An assistant turn opens with ``<think>reasoning</think>`` (its own reasoning, kept only
-after the last user turn) or a bare ``</think>``. The generation prompt ends in ``<think>`` when
-thinking is on (the default) and ``</think>`` when ``enable_thinking=False``.
+separators. An assistant turn opens with ``<think>reasoning</think>`` (kept only after the last user
+turn; earlier reasoning is stripped) or a bare ``</think>``. The generation prompt ends in ``<think>``
+when thinking is on (the default) and ``</think>`` when ``enable_thinking=False``. Tool calls are
+``<tool_call>name<arg_key>k</arg_key><arg_value>v</arg_value>...</tool_call>``.
+
+The template is the published file, shipped unchanged in ``chat_template.jinja`` (source and license in
+its header); the tiny checkpoint carries it and the plugin falls back to it.
 """
 
-CHAT_TEMPLATE = (
-    "[gMASK]<sop>"
-    "{%- set ns = namespace(last_user=-1) -%}"
-    "{%- for m in messages -%}{%- if m['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- for m in messages -%}"
-    "{%- set content = m['content'] if m['content'] is string else "
-    "(m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('')) -%}"
-    "{%- if m['role'] == 'system' -%}{{- '<|system|>' + content -}}"
-    "{%- elif m['role'] == 'user' -%}{{- '<|user|>' + content -}}"
-    "{%- elif m['role'] == 'assistant' -%}{{- '<|assistant|>' -}}"
-    "{%- if loop.index0 > ns.last_user and m.get('reasoning_content') -%}"
-    "{{- '<think>' + m['reasoning_content'] + '</think>' -}}{%- else -%}{{- '</think>' -}}{%- endif -%}"
-    "{{- content -}}"
-    "{%- elif m['role'] == 'tool' -%}{{- '<|observation|><tool_response>' + content + '</tool_response>' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}"
-    "{{- '</think>' if (enable_thinking is defined and not enable_thinking) else '<think>' -}}{%- endif -%}"
-)
+from importlib.resources import files
+
+PUBLISHED_SHA256 = "d63ad536c3c81880043e22ec7fd08db42b4d8fb7c89c7138bc562bfa25281375"
+"""sha256 of the published template's bytes (checked by the tests)."""
+
+
+def _published_template() -> str:
+    text = files("inference_pio_glm_4_7_flash").joinpath("chat_template.jinja").read_text(encoding="utf-8")
+    return text.split("-#}\n", 1)[1]  # the body after our header comment
+
+
+CHAT_TEMPLATE = _published_template()
 
 # Control tokens: roles, masks, modality markers. Never produced from user text.
 CONTROL_TOKENS = (

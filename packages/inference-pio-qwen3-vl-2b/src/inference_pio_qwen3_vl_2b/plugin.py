@@ -8,8 +8,10 @@ from typing import Any, ClassVar
 
 from inference_pio.common.interfaces import Message
 from inference_pio.common.metadata import ModelPluginMetadata
+from inference_pio.parsers import ToolCallParser
 from inference_pio.runtime.hf_plugin import HFTextPlugin
 from inference_pio_qwen3_vl_2b.metadata import METADATA
+from inference_pio_qwen3_vl_2b.parsers import Qwen3VLToolCallParser
 from inference_pio_qwen3_vl_2b.template import CHAT_TEMPLATE
 
 
@@ -54,18 +56,28 @@ class Qwen3VL2BPlugin(HFTextPlugin):
                 return str(json.loads(text)["chat_template"]) if name.endswith(".json") else text
         return str(getattr(self.tokenizer, "chat_template", None) or CHAT_TEMPLATE)
 
-    def apply_template(self, messages: list[dict[str, Any]], options: Mapping[str, Any]) -> str:
+    def apply_template(
+        self, messages: list[dict[str, Any]], options: Mapping[str, Any], tools: list[dict[str, Any]] | None = None
+    ) -> str:
         return str(
             self.tokenizer.apply_chat_template(
-                messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True, **options
+                messages,
+                tools=tools,
+                chat_template=self.chat_template,
+                tokenize=False,
+                add_generation_prompt=True,
+                **options,
             )
         )
 
-    def prepare_chat(self, messages: Sequence[Message], options: dict[str, Any]) -> Any:
+    def tool_parser(self, tools: Sequence[Mapping[str, Any]]) -> ToolCallParser | None:
+        return Qwen3VLToolCallParser(tools)
+
+    def prepare_chat(self, messages: Sequence[Message], options: dict[str, Any], tools: Any = None) -> Any:
         import torch
 
         from inference_pio.errors import InvalidRequestError
-        from inference_pio.runtime.chat import normalize_messages, render_protected
+        from inference_pio.runtime.chat import normalize_messages
         from inference_pio.runtime.engine import Prompt
         from inference_pio.runtime.images import load_image
 
@@ -75,7 +87,7 @@ class Qwen3VL2BPlugin(HFTextPlugin):
             load_image(src, max_pixels=max_pixels, where=f"image {i}")
             for i, src in enumerate(img for m in norm for img in m.images)
         ]
-        segments = render_protected(norm, lambda msgs: self.apply_template(msgs, options), structured_content=True)
+        pieces = self.render_chat(norm, options, tools)
         pixel_inputs: dict[str, Any] = {}
         counts: list[int] = []
         if images:
@@ -87,11 +99,8 @@ class Qwen3VL2BPlugin(HFTextPlugin):
             counts = [int(g.prod()) // merge for g in pixel_inputs["image_grid_thw"]]
         ids: list[int] = []
         image_index = 0
-        for seg in segments:
-            if seg.user:
-                ids += self.tokenize(seg.text)
-                continue
-            for token in self.encode_template(seg.text):
+        for piece in pieces:
+            for token in self.encode_template(piece):
                 if token == self.image_pad_id:
                     if image_index >= len(counts):
                         raise InvalidRequestError(

@@ -1,21 +1,21 @@
-"""Qwen3-VL's ChatML chat template (our own Jinja, producing the model's published format).
+"""Qwen3-VL-Instruct's published ChatML chat template and its tokens.
 
-Used when a checkpoint ships no template of its own and by the tiny test checkpoint.
+The template is the published file, shipped unchanged in ``chat_template.jinja`` (source and license in
+its header). Used when a checkpoint ships no template of its own and by the tiny test checkpoint.
 """
 
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] in ('image', 'image_url') -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
-    "{%- elif part['type'] == 'video' -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
-    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
+from importlib.resources import files
+
+PUBLISHED_SHA256 = "3636d0f0bd6bef02654cdffdc447b79cb2cef8ab02cc75267345946291a489e4"
+"""sha256 of the published template's bytes (checked by the tests)."""
+
+
+def _published_template() -> str:
+    text = files("inference_pio_qwen3_vl_2b").joinpath("chat_template.jinja").read_text(encoding="utf-8")
+    return text.split("-#}\n", 1)[1]  # the body after our header comment
+
+
+CHAT_TEMPLATE = _published_template()
 
 # Control tokens: roles, vision placeholders. Never produced from user text.
 CONTROL_TOKENS = (
