@@ -48,3 +48,25 @@ def test_hook_demo_checkpoint(pm: PluginManager, fixture_dir: Path, tmp_path: Pa
 def test_entry_point_plugins_answer_only_for_their_own_names(pm: PluginManager, tmp_path: Path) -> None:
     pm.list_plugins()
     assert pm._pm.hook.inference_pio_demo_checkpoint(plugin_name="not_a_plugin", directory=tmp_path) is None
+
+
+def test_model_packages_build_their_hooks_with_the_core_helper(tmp_path: Path) -> None:
+    """register_plugins_hook and demo_checkpoint_hook give pluggy implementations that resolve their
+    strings only when called; both model packages' entry modules are built with them."""
+    from types import ModuleType
+
+    from inference_pio.plugin_system.discovery import new_hook_manager, registrations
+    from inference_pio.plugin_system.hookimpls import demo_checkpoint_hook, register_plugins_hook
+
+    module = ModuleType("made_hooks")
+    module.inference_pio_register_plugins = register_plugins_hook({"name": "made"}, "not.imported:yet", trust="high")  # type: ignore[attr-defined]
+    module.inference_pio_demo_checkpoint = demo_checkpoint_hook("made", "pathlib:Path")  # type: ignore[attr-defined]
+    hooks = new_hook_manager()
+    hooks.register(module)
+    [found] = registrations(hooks, module)
+    assert (found.name, found.factory, found.trust) == ("made", "not.imported:yet", "high")
+    assert hooks.hook.inference_pio_demo_checkpoint(plugin_name="made", directory=tmp_path) == tmp_path / "made"
+    assert hooks.hook.inference_pio_demo_checkpoint(plugin_name="other", directory=tmp_path) is None
+    for package in ("inference-pio-qwen3-vl-2b", "inference-pio-glm-4-7-flash"):
+        source = next((ROOT / "packages" / package / "src").glob("*/hooks.py")).read_text()
+        assert "register_plugins_hook(" in source and "demo_checkpoint_hook(" in source and "@hookimpl" not in source

@@ -270,14 +270,50 @@ def test_policy_defaults_and_configuration(tmp_path: Path) -> None:
     assert (rows["memory_hog"]["trust"], rows["memory_hog"]["isolated"]) == ("low", True)
     assert rows["memory_hog"]["limits"]["cpu_seconds"] == 300
     assert rows["well_behaved"]["limits"] == {}
-    first_party = [r for r in rows.values() if r["distribution"] in ("inference-pio-qwen3-vl-2b",)]
-    assert first_party and first_party[0]["trust"] == "high" and not first_party[0]["isolated"]
+    assert (rows["env_dump"]["trust"], rows["env_dump"]["isolated"]) == ("low", True)  # asked for maximum
+    assert (rows["qwen3_vl_2b"]["trust"], rows["qwen3_vl_2b"]["isolated"]) == ("high", False)  # asked for high
     bad = tmp_path / "bad.toml"
     bad.write_text('[trust]\ndirectory = "sorta"\n')
     from inference_pio import ConfigError
 
     with pytest.raises(ConfigError, match="low, medium, high or maximum"):
         _ = PluginManager(environ={"INFERENCE_PIO_CONFIG": str(bad)}).trust_policy
+
+
+def test_trust_comes_from_config_then_the_distributions_request_capped_then_defaults(tmp_path: Path) -> None:
+    from inference_pio.security.policy import TrustPolicy
+
+    policy = TrustPolicy()
+    dist = "distribution inference-pio-third"
+    assert policy.level_for("third", dist, "inference-pio-third") == TrustLevel.MEDIUM  # asks nothing
+    assert policy.level_for("third", dist, "inference-pio-third", TrustLevel.HIGH) == TrustLevel.HIGH
+    assert policy.level_for("third", dist, "inference-pio-third", TrustLevel.MAXIMUM) == TrustLevel.HIGH  # capped
+    assert policy.level_for("third", dist, "inference-pio-third", TrustLevel.LOW) == TrustLevel.LOW
+    assert policy.level_for("local", "directory /x", None, TrustLevel.HIGH) == TrustLevel.LOW
+    config = tmp_path / "c.toml"
+    config.write_text('[trust]\nmax_requested = "medium"\n[trust.plugins]\nglm_4_7_flash = "high"\n')
+    pm = PluginManager(environ={"INFERENCE_PIO_CONFIG": str(config)})
+    qwen, glm = pm.get_record("qwen3_vl_2b"), pm.get_record("glm_4_7_flash")
+    assert (qwen.trust, qwen.isolated) == (TrustLevel.MEDIUM, True)  # its request for high is capped
+    assert (glm.trust, glm.isolated) == (TrustLevel.HIGH, False)  # configuration grants it
+    config.write_text('[trust]\nfirst_party = "high"\n')
+    from inference_pio import ConfigError
+
+    with pytest.raises(ConfigError, match=r"\[trust\] first_party: unknown key; known: directory"):
+        _ = PluginManager(environ={"INFERENCE_PIO_CONFIG": str(config)}).trust_policy
+
+
+def test_a_bad_trust_request_makes_the_plugin_broken_not_the_manager(tmp_path: Path) -> None:
+    (tmp_path / "asks.py").write_text(
+        "from inference_pio import hookimpl\n"
+        "@hookimpl\n"
+        "def inference_pio_register_plugins(register):\n"
+        "    register('asks', 'x:y', {}, trust='root')\n"
+    )
+    pm = PluginManager(environ={"INFERENCE_PIO_CONFIG": str(tmp_path / "none.toml")})
+    pm.load_plugins_from_directory(tmp_path)
+    record = pm.get_record("asks")
+    assert record.status == "broken" and "trust level must be low, medium, high or maximum" in str(record.error)
 
 
 def test_isolated_plugin_serves_concurrent_callers_and_streams_consumed_across_threads(

@@ -19,7 +19,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 class Register(Protocol):
     """The callback handed to ``inference_pio_register_plugins``."""
 
-    def __call__(self, name: str, factory: Any, metadata: Any) -> None: ...
+    def __call__(self, name: str, factory: Any, metadata: Any, *, trust: str | None = None) -> None: ...
 
 
 @hookspec
@@ -28,7 +28,9 @@ def inference_pio_register_plugins(register: Register) -> None:
 
     ``factory`` is a zero-argument callable returning a ``ModelPluginInterface``, or a
     ``"module:attribute"`` string imported only when the plugin is used. ``metadata`` is a
-    ``ModelPluginMetadata`` or a dict validated into one.
+    ``ModelPluginMetadata`` or a dict validated into one. ``trust`` (optional) is the level the
+    plugin asks for, e.g. ``"high"`` for a model that must run in-process on a GPU; an installed
+    distribution gets it up to ``[trust] max_requested`` (default ``high``), see docs/security.md.
     """
 
 

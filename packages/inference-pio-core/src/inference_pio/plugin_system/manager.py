@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import logging
-import sys
 import threading
 from collections.abc import Mapping
-from dataclasses import replace
 from importlib.metadata import EntryPoint
 from pathlib import Path
-from types import ModuleType
 from typing import Any
-
-import pluggy
 
 from inference_pio.common.config_manager import ConfigManager
 from inference_pio.common.interfaces import PLUGIN_API_VERSION, ModelPluginInterface
@@ -28,17 +21,11 @@ from inference_pio.errors import (
     PluginNotActiveError,
     PluginNotFoundError,
 )
-from inference_pio.plugin_system import hookspecs
-from inference_pio.plugin_system.registry import (
-    PluginRecord,
-    Selection,
-    installed_entry_points,
-    resolve_factory,
-    strict_mode,
-)
-from inference_pio.security.isolated import IsolatedPlugin
-from inference_pio.security.paths import check_directory, custom_code_modules, is_hub_id, validate_model_path
-from inference_pio.security.policy import TrustLevel, TrustPolicy
+from inference_pio.plugin_system import discovery
+from inference_pio.plugin_system.registry import PluginRecord, Selection, resolve_factory, strict_mode
+from inference_pio.plugin_system.trust import apply_trust, assign_trust, isolated_stand_in
+from inference_pio.security.paths import check_directory
+from inference_pio.security.policy import TrustPolicy
 
 log = logging.getLogger("inference_pio.plugins")
 
@@ -50,8 +37,7 @@ class PluginManager:
         self, *, environ: Mapping[str, str] | None = None, config_manager: ConfigManager | None = None
     ) -> None:
         self._lock = threading.RLock()
-        self._pm = pluggy.PluginManager(hookspecs.PROJECT)
-        self._pm.add_hookspecs(hookspecs)
+        self._pm = discovery.new_hook_manager()
         self._records: dict[str, PluginRecord] = {}
         self._entry_points: list[EntryPoint] | None = None
         self._loaded_entry_points: set[str] = set()
@@ -66,18 +52,15 @@ class PluginManager:
     def trust_policy(self) -> TrustPolicy:
         """Trust levels, isolation and limits, from the [trust] and [limits.*] tables of the config file."""
         if self._trust_policy is None:
-            policy = TrustPolicy.from_config(
+            self._trust_policy = TrustPolicy.from_config(
                 self.config_manager.section("trust"), self.config_manager.section("limits"), self._environ
             )
-            if self._environ is not None and self._environ.get("INFERENCE_PIO_IN_WORKER") == "1":
-                policy = replace(policy, isolate_below=TrustLevel.LOW)  # the worker is the sandbox
-            self._trust_policy = policy
         return self._trust_policy
 
     # -- discovery ------------------------------------------------------------------------------
     def _eps(self) -> list[EntryPoint]:
         if self._entry_points is None:
-            self._entry_points = installed_entry_points()
+            self._entry_points = discovery.installed_entry_points()
         return self._entry_points
 
     def _load_entry_point(self, ep: EntryPoint) -> None:
@@ -134,43 +117,33 @@ class PluginManager:
     ) -> list[str]:
         """Register ``obj``'s hook implementations and collect the plugins it registers."""
         try:
-            self._pm.register(obj, name=f"{source}:{key}")
-            self._pm.check_pending()
+            discovery.register_hooks(self._pm, obj, f"{source}:{key}")
         except Exception as exc:
-            if self._pm.is_registered(obj):
-                self._pm.unregister(obj)
             self._broken(
                 key, source, dist, dist_version, PluginLoadError(f"{source}: invalid hook implementation: {exc}", exc)
             )
             return []
+        try:
+            found = discovery.registrations(self._pm, obj)
+        except Exception as exc:
+            self._broken(
+                key,
+                source,
+                dist,
+                dist_version,
+                PluginLoadError(f"{source}: inference_pio_register_plugins raised {type(exc).__name__}: {exc}", exc),
+            )
+            return []
         names: list[str] = []
-
-        def register(name: str, factory: Any, metadata: Any) -> None:
-            self._add(name, factory, metadata, source, dist, dist_version)
-            names.append(name)
-
-        impls = [i for i in self._pm.hook.inference_pio_register_plugins.get_hookimpls() if i.plugin is obj]
-        for impl in impls:
-            try:
-                impl.function(register=register)
-            except PluginLoadError:
-                if self.strict:
-                    raise
-            except Exception as exc:
-                self._broken(
-                    key,
-                    source,
-                    dist,
-                    dist_version,
-                    PluginLoadError(
-                        f"{source}: inference_pio_register_plugins raised {type(exc).__name__}: {exc}", exc
-                    ),
-                )
+        for registration in found:
+            self._add(registration, source, dist, dist_version)
+            names.append(registration.name)
         return names
 
     def _add(
-        self, name: str, factory: Any, metadata: Any, source: str, dist: str | None, dist_version: str | None
+        self, registration: discovery.Registration, source: str, dist: str | None, dist_version: str | None
     ) -> None:
+        name, metadata = registration.name, registration.metadata
         with self._lock:
             existing = self._records.get(name)
             if existing is not None and existing.status != "disabled":
@@ -185,15 +158,12 @@ class PluginManager:
                     raise error
                 existing.status, existing.error = "broken", error
                 return
-            record = PluginRecord(name, source, dist, dist_version, factory=factory)
-            record.trust = self.trust_policy.level_for(name, source, dist)
-            # a worker can re-create plugins from entry points and directories, not from in-process callables
-            record.isolated = self.trust_policy.isolated(record.trust) and source != "programmatic"
-            record.extra["limits"] = self.trust_policy.limits_for(record.trust).describe()
+            record = PluginRecord(name, source, dist, dist_version, factory=registration.factory)
             if source.startswith("directory "):
                 record.directory = source.removeprefix("directory ")
             self._records[name] = record
             try:
+                assign_trust(record, self.trust_policy, registration.trust)
                 record.metadata = validate_metadata(metadata, source=f"plugin {name!r} from {source}")
                 if record.metadata.name != name:
                     raise ValueError(
@@ -250,17 +220,7 @@ class PluginManager:
         with self._lock:
             record = self._usable(name)
             if record.instance is None and record.isolated:
-                assert record.metadata is not None
-                record.instance = IsolatedPlugin(
-                    name,
-                    record.metadata,
-                    level=record.trust,
-                    limits=self.trust_policy.limits_for(record.trust),
-                    hf_cache=self.trust_policy.hf_cache,
-                    distribution=record.distribution,
-                    directory=record.directory,
-                    on_exit=lambda: setattr(record, "active", False),
-                )
+                record.instance = isolated_stand_in(record, self.trust_policy)
             if record.instance is None:
                 try:
                     instance = resolve_factory(record.factory)()
@@ -280,7 +240,7 @@ class PluginManager:
         """Register a plugin from code. Without ``metadata``, the factory is called once to read it."""
         if metadata is None:
             metadata = resolve_factory(factory)().metadata
-        self._add(name, factory, metadata, "programmatic", None, None)
+        self._add(discovery.Registration(name, factory, metadata), "programmatic", None, None)
         return self.get_record(name)
 
     def load_plugins_from_directory(self, directory: str | Path) -> list[str]:
@@ -292,29 +252,13 @@ class PluginManager:
             if path in self._loaded_directories:
                 return list(self._loaded_directories[path])
             names: list[str] = []
-            prefix = "inference_pio_local_" + hashlib.sha1(str(path).encode()).hexdigest()[:10]
-            for entry in sorted(path.iterdir()):
-                if entry.name.startswith(("_", ".")):
-                    continue
-                if entry.is_file() and entry.suffix == ".py":
-                    location, search = entry, None
-                elif entry.is_dir() and (entry / "__init__.py").is_file():
-                    location, search = entry / "__init__.py", [str(entry)]
+            source = f"directory {path}"
+            for key, location, module in discovery.directory_modules(path):
+                if isinstance(module, BaseException):
+                    error = PluginLoadError(f"{location} failed to import: {type(module).__name__}: {module}", module)
+                    self._broken(key, source, None, None, error)
                 else:
-                    continue
-                key, source = entry.stem, f"directory {path}"
-                try:
-                    module = _import_file(f"{prefix}.{entry.stem}", location, search)
-                except Exception as exc:
-                    self._broken(
-                        key,
-                        source,
-                        None,
-                        None,
-                        PluginLoadError(f"{location} failed to import: {type(exc).__name__}: {exc}", exc),
-                    )
-                    continue
-                names += self._register_module(module, source, None, None, key=key)
+                    names += self._register_module(module, source, None, None, key=key)
             self._loaded_directories[path] = names
             return names
 
@@ -326,7 +270,7 @@ class PluginManager:
             if record.active:
                 self._deactivate(record)
             resolved = self.config_manager.resolve(name, plugin.default_config(), {"device": device, **config})
-            self._apply_trust(record, resolved.values)
+            apply_trust(record, resolved.values, self.trust_policy)
             if not plugin.supports_config(resolved.values):
                 meta = plugin.metadata
                 raise ConfigError(
@@ -343,25 +287,6 @@ class PluginManager:
                 raise
             record.active = True
             return plugin
-
-    def _apply_trust(self, record: PluginRecord, config: dict[str, Any]) -> None:
-        """Validate model_path against the plugin's trust level; cap GPU memory of in-process plugins."""
-        policy = self.trust_policy
-        model_path = config.get("model_path")
-        if model_path and not is_hub_id(model_path):  # hub ids download into the HF cache, an allowed root
-            resolved = validate_model_path(Path(str(model_path)), record.trust, policy.roots_for(record.trust))
-            config["model_path"] = str(resolved)
-            modules = custom_code_modules(resolved)
-            if modules:
-                log.warning(
-                    "%s: %s ships custom code (%s); it is ignored, never executed",
-                    record.name,
-                    resolved,
-                    ", ".join(modules),
-                )
-        limits = policy.limits_for(record.trust)
-        if not record.isolated and config.get("gpu_memory_fraction") is None and limits.gpu_memory_fraction:
-            config["gpu_memory_fraction"] = limits.gpu_memory_fraction
 
     def execute_plugin(self, name: str, data: Any, **kwargs: Any) -> Any:
         """Run ``infer`` on an activated plugin."""
@@ -397,24 +322,6 @@ class PluginManager:
         self._usable(name)
         result = self._pm.hook.inference_pio_demo_checkpoint(plugin_name=name, directory=directory)
         return None if result is None else Path(result)
-
-
-def _import_file(module_name: str, location: Path, search: list[str] | None) -> ModuleType:
-    parent = module_name.rpartition(".")[0]
-    if parent not in sys.modules:
-        sys.modules[parent] = ModuleType(parent)
-        sys.modules[parent].__path__ = []
-    spec = importlib.util.spec_from_file_location(module_name, location, submodule_search_locations=search)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {location}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(module_name, None)
-        raise
-    return module
 
 
 _manager: PluginManager | None = None

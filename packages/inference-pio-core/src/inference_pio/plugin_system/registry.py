@@ -1,7 +1,5 @@
-"""Records of known plugins, fed by entry points, directories and programmatic registration.
-
-Tier 1 of laziness lives here: ``installed_entry_points`` reads package metadata only.
-"""
+"""Records of known plugins, fed by entry points, directories and programmatic registration, and the
+selection (allow/deny lists) that decides which may load."""
 
 from __future__ import annotations
 
@@ -9,7 +7,6 @@ import importlib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Literal
 
 from inference_pio.common.metadata import ModelPluginMetadata
@@ -55,12 +52,8 @@ class PluginRecord:
             **self.extra,
         }
 
-    def create(self) -> Any:
-        """Call the factory (importing it first when it is a ``module:attr`` string)."""
-        return resolve_factory(self.factory)()
 
-
-def resolve_factory(factory: Any) -> Callable[[], Any]:
+def resolve_factory(factory: Any) -> Callable[..., Any]:
     if isinstance(factory, str):
         module, _, attr = factory.partition(":")
         if not module or not attr:
@@ -72,11 +65,6 @@ def resolve_factory(factory: Any) -> Callable[[], Any]:
     if not callable(factory):
         raise TypeError(f"plugin factory must be callable, got {type(factory).__name__}")
     return factory  # type: ignore[no-any-return]
-
-
-def installed_entry_points() -> list[EntryPoint]:
-    """Entry points of the ``inference_pio.plugins`` group, from package metadata only (nothing imported)."""
-    return sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,18 @@
 """``TrustLevel``, ``ResourceLimits`` and the policy that maps plugins to them.
 
-Policy (documented in docs/security.md):
+Policy (documented in docs/security.md, which also says who gets which level):
 
-=========  ==============  ===============================================  ============  =====================
-level      runs            may read weights from                            pickle        default limits
-=========  ==============  ===============================================  ============  =====================
-LOW        worker process  Hugging Face cache, configured ``model_dirs``    never         4 GiB, 300 s CPU, ...
-MEDIUM     worker process  Hugging Face cache, configured ``model_dirs``    never         16 GiB, 3600 s CPU, ...
-HIGH       in-process      any checked local directory, or the hub          never         GPU memory fraction
-MAXIMUM    in-process      anywhere                                         allowed       none
-=========  ==============  ===============================================  ============  =====================
+=========  ==============  ===========================================  ==================  ======================
+level      runs            may read weights from                        pickle weights      default limits
+=========  ==============  ===========================================  ==================  ======================
+LOW        worker process  Hugging Face cache, configured ``model_dirs``  refused             8 GiB, 300 s CPU, ...
+MEDIUM     worker process  Hugging Face cache, configured ``model_dirs``  refused             32 GiB, 3600 s CPU, ...
+HIGH       in-process      any checked local directory, or the hub      refused             GPU memory fraction
+MAXIMUM    in-process      any checked local directory, or the hub      pass path checks    none
+=========  ==============  ===========================================  ==================  ======================
+
+At MAXIMUM pickle files pass path validation; whether they are loaded is the plugin's choice (the
+shared runtime's loader reads safetensors only).
 """
 
 from __future__ import annotations
@@ -23,7 +26,18 @@ from typing import Any
 
 from inference_pio.errors import ConfigError
 
-FIRST_PARTY = frozenset({"inference-pio-core", "inference-pio-qwen3-vl-2b", "inference-pio-glm-4-7-flash"})
+TRUST_KEYS = frozenset(
+    {
+        "directory",
+        "third_party",
+        "programmatic",
+        "max_requested",
+        "isolate_below",
+        "plugins",
+        "distributions",
+        "model_dirs",
+    }
+)
 
 
 class TrustLevel(enum.IntEnum):
@@ -89,7 +103,7 @@ class TrustPolicy:
 
     directory: TrustLevel = TrustLevel.LOW
     third_party: TrustLevel = TrustLevel.MEDIUM
-    first_party: TrustLevel = TrustLevel.HIGH
+    max_requested: TrustLevel = TrustLevel.HIGH  # the most an installed distribution's own request is granted
     programmatic: TrustLevel = TrustLevel.HIGH
     isolate_below: TrustLevel = TrustLevel.HIGH
     plugins: Mapping[str, TrustLevel] | None = None
@@ -103,6 +117,13 @@ class TrustPolicy:
         cls, trust: Mapping[str, Any], limits: Mapping[str, Any], environ: Mapping[str, str] | None = None
     ) -> TrustPolicy:
         from inference_pio.common.config_manager import parse_size
+
+        unknown = sorted(set(trust) - TRUST_KEYS)
+        if unknown:
+            raise ConfigError(
+                f"[trust] {', '.join(unknown)}: unknown key; known: {', '.join(sorted(TRUST_KEYS))} "
+                "(see docs/security.md)"
+            )
 
         def level(key: str, default: TrustLevel) -> TrustLevel:
             return TrustLevel.parse(trust[key], f"[trust] {key}") if key in trust else default
@@ -129,7 +150,7 @@ class TrustPolicy:
         return cls(
             directory=level("directory", TrustLevel.LOW),
             third_party=level("third_party", TrustLevel.MEDIUM),
-            first_party=level("first_party", TrustLevel.HIGH),
+            max_requested=level("max_requested", TrustLevel.HIGH),
             programmatic=level("programmatic", TrustLevel.HIGH),
             isolate_below=level("isolate_below", TrustLevel.HIGH),
             plugins={k: TrustLevel.parse(v, f"[trust.plugins] {k}") for k, v in trust.get("plugins", {}).items()},
@@ -141,7 +162,11 @@ class TrustPolicy:
             hf_cache=hf_cache_dir(environ),
         )
 
-    def level_for(self, name: str, source: str, distribution: str | None) -> TrustLevel:
+    def level_for(
+        self, name: str, source: str, distribution: str | None, requested: TrustLevel | None = None
+    ) -> TrustLevel:
+        """The level of one plugin. Configuration decides first; an installed distribution's own request
+        (``register(..., trust=...)``) comes next, capped at ``max_requested``; then the defaults."""
         if self.plugins and name in self.plugins:
             return self.plugins[name]
         if distribution and self.distributions and distribution in self.distributions:
@@ -150,8 +175,8 @@ class TrustPolicy:
             return self.directory
         if source == "programmatic":
             return self.programmatic
-        if distribution in FIRST_PARTY:
-            return self.first_party
+        if requested is not None and distribution is not None:
+            return min(requested, self.max_requested)
         return self.third_party
 
     def isolated(self, level: TrustLevel) -> bool:

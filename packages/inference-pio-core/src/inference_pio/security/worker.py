@@ -57,9 +57,20 @@ def cancelled(inp: IO[bytes]) -> bool:
     return wire.recv(inp).get("op") == "cancel"
 
 
-def serve(spec: dict[str, Any], inp: IO[bytes], out: IO[bytes]) -> int:
-    from inference_pio.plugin_system.manager import PluginManager
+def build_plugin(spec: dict[str, Any]) -> Any:
+    """Rebuild the plugin the way the manager found it: its entry point or directory module, then its factory."""
+    from inference_pio.common.interfaces import ModelPluginInterface
+    from inference_pio.plugin_system.discovery import find_factory
+    from inference_pio.plugin_system.registry import resolve_factory
 
+    factory = find_factory(spec["name"], distribution=spec.get("distribution"), directory=spec.get("directory"))
+    plugin = resolve_factory(factory)()
+    if not isinstance(plugin, ModelPluginInterface):
+        raise TypeError(f"factory of plugin {spec['name']!r} returned {type(plugin).__name__}, not a plugin")
+    return plugin
+
+
+def serve(spec: dict[str, Any], inp: IO[bytes], out: IO[bytes]) -> int:
     plugin: Any = None
     while True:
         try:
@@ -69,15 +80,7 @@ def serve(spec: dict[str, Any], inp: IO[bytes], out: IO[bytes]) -> int:
         op = message.get("op")
         try:
             if op == "activate":
-                environ = {
-                    "INFERENCE_PIO_CONFIG": os.devnull,
-                    "INFERENCE_PIO_IN_WORKER": "1",
-                    "INFERENCE_PIO_PLUGINS": ",".join(x for x in (spec["name"], spec.get("distribution")) if x),
-                }
-                manager = PluginManager(environ=environ)
-                if spec.get("directory"):
-                    manager.load_plugins_from_directory(spec["directory"])
-                plugin = manager.get_plugin(spec["name"])
+                plugin = build_plugin(spec)
                 config = message["config"]
                 plugin.initialize(**config)
                 plugin.load_model(config)
