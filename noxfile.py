@@ -1,4 +1,4 @@
-"""Developer automation: `nox -s tests`, `nox -s lint`, `nox -s build` (sdists and wheels, twine-checked)."""
+"""Developer automation: `nox -s tests`, `nox -s lint` (ruff, mypy, import-linter), `nox -s build` (sdists, wheels)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run("mypy")
+    session.run("lint-imports")
 
 
 @nox.session

@@ -160,3 +160,28 @@ def test_checkpoint_parameter_count_reads_safetensors_headers(tmp_path: Path) ->
 
     with pytest.raises(ModelLoadError, match="junk.safetensors"):
         checkpoint_parameter_count(tmp_path)
+
+
+def test_memory_probe_order_is_manager_probe_then_callers_probe_then_host_ram() -> None:
+    seen: list[str] = []
+
+    def caller_probe(device: str) -> DeviceMemory:
+        seen.append(f"caller {device}")
+        return DeviceMemory(device, 1 * GB, 2 * GB)
+
+    plain = ConfigManager(environ={"INFERENCE_PIO_CONFIG": "/none"})
+    assert plain.probe("cuda:1", caller_probe).free_bytes == 1 * GB
+    assert seen == ["caller cuda:1"]
+    host = plain.probe("cpu")  # no probe at all: the host's RAM, read without torch
+    assert host.device == "cpu" and 0 < host.free_bytes <= host.total_bytes
+    injected = ConfigManager(
+        environ={"INFERENCE_PIO_CONFIG": "/none"}, memory_probe=lambda d: DeviceMemory(d, 7 * GB, 8 * GB)
+    )
+    assert injected.probe("cuda:0", caller_probe).free_bytes == 7 * GB
+    assert seen == ["caller cuda:1"]
+
+
+def test_planning_for_a_gpu_without_a_probe_says_what_to_pass() -> None:
+    cm = ConfigManager(environ={"INFERENCE_PIO_CONFIG": "/none"})
+    with pytest.raises(ConfigError, match=r"'cuda:0'.*probe=.*probe_memory"):
+        cm.probe("cuda:0")

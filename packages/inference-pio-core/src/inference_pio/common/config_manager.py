@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from inference_pio.common.memory import DeviceMemory, MemoryPlan, plan_memory
+from inference_pio.common.memory import DeviceMemory, MemoryPlan, host_memory, plan_memory
 from inference_pio.common.metadata import GB, ModelPluginMetadata, Precision
 from inference_pio.errors import ConfigError
 
@@ -198,26 +198,38 @@ class ConfigManager:
         return raw
 
     # -- runtime adaptation ---------------------------------------------------------------------
-    def probe(self, device: str) -> DeviceMemory:
-        """Free memory of ``device``; ``INFERENCE_PIO_SIMULATED_FREE_MEMORY`` overrides it (for tests and drills)."""
+    def probe(self, device: str, probe: Callable[[str], DeviceMemory] | None = None) -> DeviceMemory:
+        """Free memory of ``device``.
+
+        First that applies: ``INFERENCE_PIO_SIMULATED_FREE_MEMORY`` (tests and drills), this manager's
+        ``memory_probe``, the caller's ``probe`` (the runtime passes its torch-based one: this layer never
+        imports torch), and for the CPU the host's available RAM.
+        """
         simulated = self.environ.get("INFERENCE_PIO_SIMULATED_FREE_MEMORY")
         if simulated:
             size = parse_size(simulated)
             return DeviceMemory(device, size, size)
-        if self.memory_probe is not None:
-            return self.memory_probe(device)
-        from inference_pio.runtime.devices import probe_memory
-
-        return probe_memory(device)
+        chosen = self.memory_probe or probe
+        if chosen is not None:
+            return chosen(device)
+        if device.split(":", 1)[0] == "cpu":
+            return host_memory(device)
+        raise ConfigError(
+            f"cannot measure the free memory of {device!r}: pass probe= to plan_memory (the runtime's "
+            "inference_pio.runtime.devices.probe_memory), or set INFERENCE_PIO_SIMULATED_FREE_MEMORY"
+        )
 
     def plan_memory(
         self,
         metadata: ModelPluginMetadata,
         config: ResolvedConfig,
         requirements: Mapping[Precision, int] | None = None,
+        *,
+        probe: Callable[[str], DeviceMemory] | None = None,
     ) -> MemoryPlan:
-        """Pick dtype and quantization for ``metadata`` on ``config['device']`` (already resolved, not 'auto')."""
-        memory = self.probe(config["device"])
+        """Pick dtype and quantization for ``metadata`` on ``config['device']`` (already resolved, not 'auto');
+        ``probe`` measures the device's free memory (see :meth:`probe`)."""
+        memory = self.probe(config["device"], probe)
         return plan_memory(
             metadata.name,
             requirements or metadata.memory_requirements,

@@ -60,6 +60,18 @@ class MemoryPlan:
         )
 
 
+def host_memory(device: str = "cpu") -> DeviceMemory:
+    """Available and total RAM of this machine, from /proc/meminfo (zeros where there is none)."""
+    info: dict[str, int] = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            info[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return DeviceMemory(device, info.get("MemAvailable", info.get("MemFree", 0)), info.get("MemTotal", 0))
+
+
 def headroom(weights: int) -> int:
     """Bytes to keep free beside the weights: activations, KV cache, allocator slack."""
     return max(weights // 10, 256 * 1024 * 1024)

@@ -109,7 +109,7 @@ class HFTextPlugin(TextModelPluginInterface):
     def load_model(self, config: Mapping[str, Any]) -> None:
         import torch
 
-        from inference_pio.runtime.devices import resolve_device
+        from inference_pio.runtime.devices import probe_memory, resolve_device
 
         self.cleanup()
         source, local = self.resolve_source(config)
@@ -117,7 +117,7 @@ class HFTextPlugin(TextModelPluginInterface):
         resolved = ResolvedConfig({**self.settings, **config, "device": device})
         requirements = requirements_for(checkpoint_parameter_count(local)) if local else None
         manager = self.config_manager or ConfigManager()
-        self.memory_plan = plan = manager.plan_memory(self.metadata, resolved, requirements)
+        self.memory_plan = plan = manager.plan_memory(self.metadata, resolved, requirements, probe=probe_memory)
         log.info("%s: loading %s; %s", self.metadata.name, source, plan.describe())
 
         import transformers
