@@ -110,10 +110,29 @@ def _gen_params(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in params.items() if v is not None}
 
 
+class _Shown:
+    """What a terminal shows of a chunk: reasoning (split off by the plugin) between ``<think>`` and
+    ``</think>``, then the answer."""
+
+    def __init__(self) -> None:
+        self.thinking = False
+
+    def __call__(self, chunk: StreamChunk) -> str:
+        shown = ""
+        if chunk.reasoning:
+            shown += ("" if self.thinking else "<think>") + chunk.reasoning
+            self.thinking = True
+        if self.thinking and (chunk.text or chunk.finish_reason is not None):
+            shown += "</think>"
+            self.thinking = False
+        return shown + chunk.text
+
+
 def _print_stream(chunks: Iterator[StreamChunk], out: TextIO) -> StreamChunk:
     last = StreamChunk("")
+    shown = _Shown()
     for chunk in chunks:
-        out.write(chunk.text)
+        out.write(shown(chunk))
         out.flush()
         last = chunk
     out.write("\n")
@@ -170,9 +189,10 @@ def cmd_chat(pm: PluginManager, args: argparse.Namespace) -> int:
             history.append({"role": "user", "content": text})
             try:
                 parts: list[str] = []
+                shown = _Shown()
                 for chunk in plugin.stream_chat(history, **_gen_params(args)):
-                    parts.append(chunk.text)
-                    sys.stdout.write(chunk.text)
+                    parts.append(chunk.text)  # the answer only: templates drop earlier turns' reasoning anyway
+                    sys.stdout.write(shown(chunk))
                     sys.stdout.flush()
                 sys.stdout.write("\n")
                 history.append({"role": "assistant", "content": "".join(parts)})
