@@ -20,19 +20,28 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(
-        self, config: Path, *, api_key: str | None = None, extra_args: tuple[str, ...] = (), log: Path | None = None
+        self,
+        config: Path,
+        *,
+        api_key: str | None = None,
+        extra_args: tuple[str, ...] = (),
+        log: Path | None = None,
+        python: str = sys.executable,
+        global_args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
+        """``python``: the interpreter (another venv's); ``global_args`` go before ``serve`` (``--plugins-dir``)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("INFERENCE_PIO_")}
-        env.update({"INFERENCE_PIO_CONFIG": str(config), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+        environ = {k: v for k, v in (env or os.environ).items() if not k.startswith("INFERENCE_PIO_")}
+        environ.update({"INFERENCE_PIO_CONFIG": str(config), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
         if api_key:
-            env["INFERENCE_PIO_API_KEY"] = api_key
+            environ["INFERENCE_PIO_API_KEY"] = api_key
         self.log = log or config.with_suffix(".log")
         self._log_file = self.log.open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "inference_pio.cli", "serve", "--port", str(self.port), *extra_args],
-            env=env,
+            [python, "-m", "inference_pio.cli", *global_args, "serve", "--port", str(self.port), *extra_args],
+            env=environ,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
         )

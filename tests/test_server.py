@@ -483,3 +483,189 @@ def test_allow_listed_image_hosts_are_fetched(checkpoints: tuple[Path, Path], tm
     finally:
         proc.stop()
         files.shutdown()
+
+
+HI = [{"role": "user", "content": "hi"}]
+DEEP = "[" * 1000 + "]" * 1000
+
+
+@pytest.mark.parametrize(
+    ("path", "raw"),
+    [
+        ("/v1/chat/completions", f'{{"model": "qwen3_vl_2b", "messages": {json.dumps(HI)}, "ignored": {DEEP}}}'),
+        ("/v1/chat/completions", f'{{"model": "qwen3_vl_2b", "messages": [{{"role": "user", "content": {DEEP}}}]}}'),
+        ("/v1/completions", f'{{"model": "qwen3_vl_2b", "prompt": "hi", "user": {{"a": {DEEP}}}}}'),
+        ("/v1/completions", '{"model": "qwen3_vl_2b", "prompt": "hi", "x": ' + "[" * 80 + "]" * 80 + "}"),
+    ],
+)
+def test_json_nested_too_deep_is_a_400_wherever_it_is(server: ServerProcess, path: str, raw: str) -> None:
+    response = post(server, path, None, raw=raw.encode())
+    assert response.status_code == 400, response.text
+    assert "64 deep" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "raw", "param"),
+    [
+        (
+            "/v1/chat/completions",
+            b'{"model": "qwen3_vl_2b", "messages": [{"role": "user", "content": "caf\\udc90"}]}',
+            "messages[0].content",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"model": "qwen3_vl_2b", "messages": [{"role": "user", "content": '
+            b'[{"type": "text", "text": "\\ud800"}]}]}',
+            "messages[0].content[0].text",
+        ),
+        ("/v1/completions", b'{"model": "qwen3_vl_2b", "prompt": "\\udc90 tail"}', "prompt"),
+        ("/v1/completions", b'{"model": "qwen3_vl_2b", "prompt": ["x\\udfff"]}', "prompt[0]"),
+    ],
+)
+def test_lone_surrogate_is_a_400_naming_the_field(server: ServerProcess, path: str, raw: bytes, param: str) -> None:
+    response = post(server, path, None, raw=raw)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert "surrogate" in error["message"]
+    paired = raw.replace(b"\\udc90", b"\\ud83d\\ude00").replace(b"\\ud800", b"\\ud83d\\ude00")
+    paired = paired.replace(b"\\udfff", b"\\ud83d\\ude00")
+    assert post(server, path, None, raw=paired[:-1] + b', "max_tokens": 2}').status_code == 200  # a real pair is fine
+
+
+@pytest.mark.parametrize(
+    ("model", "extra", "param"),
+    [
+        ("glm_4_7_flash", {"chat_template_kwargs": {"messages": 1}}, "chat_template_kwargs.messages"),
+        ("glm_4_7_flash", {"chat_template_kwargs": {"max_new_tokens": 5}}, "chat_template_kwargs.max_new_tokens"),
+        ("glm_4_7_flash", {"chat_template_kwargs": {"stop": 5}}, "chat_template_kwargs.stop"),
+        ("glm_4_7_flash", {"chat_template_kwargs": {"temperature": 1e-45}}, "chat_template_kwargs.temperature"),
+        ("glm_4_7_flash", {"chat_template_kwargs": {"enable_thinking": "yes"}}, "chat_template_kwargs.enable_thinking"),
+        ("glm_4_7_flash", {"enable_thinking": 1}, "enable_thinking"),
+        ("glm_4_7_flash", {"chat_template_kwargs": [1]}, "chat_template_kwargs"),
+        ("qwen3_vl_2b", {"enable_thinking": False}, "enable_thinking"),
+        (
+            "qwen3_vl_2b",
+            {"chat_template_kwargs": {"add_generation_prompt": False}},
+            "chat_template_kwargs.add_generation_prompt",
+        ),
+    ],
+)
+def test_template_options_are_checked_against_the_models_options(
+    server: ServerProcess, model: str, extra: dict[str, Any], param: str
+) -> None:
+    response = post(server, "/v1/chat/completions", {"model": model, "messages": HI, "max_tokens": 2, **extra})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_enable_thinking_reaches_only_the_template(server: ServerProcess, local: PluginManager) -> None:
+    glm = local.get_plugin("glm_4_7_flash")
+    off = glm.chat_completion(HI, max_new_tokens=6, enable_thinking=False)  # type: ignore[attr-defined]
+    on = glm.chat_completion(HI, max_new_tokens=6)  # type: ignore[attr-defined]
+    assert glm.prepare_chat(HI, {"enable_thinking": False}).ids != glm.prepare_chat(HI, {}).ids  # type: ignore[attr-defined]
+    assert off.text != on.text
+    for extra in ({"chat_template_kwargs": {"enable_thinking": False}}, {"enable_thinking": False}):
+        body = {"model": "glm_4_7_flash", "messages": HI, "max_tokens": 6, "temperature": 0, **extra}
+        answer = post(server, "/v1/chat/completions", body).json()
+        assert answer["choices"][0]["message"]["content"] == off.text
+        assert answer["usage"]["prompt_tokens"] == off.usage.prompt_tokens
+    default = post(server, "/v1/chat/completions", {"model": "glm_4_7_flash", "messages": HI, "max_tokens": 6}).json()
+    assert default["choices"][0]["message"]["content"] == on.text
+
+
+def test_chunked_body_over_the_limit_is_413(server: ServerProcess) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"model": "qwen3_vl_2b", "messages": [{"role": "user", "content": "'
+        for _ in range(250):
+            yield b"x" * 10_000  # 2.5 MB in all, over the test server's 2,000,000-byte limit
+        yield b'"}]}'
+
+    headers = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        response = httpx.post(f"{server.url}{path}", content=chunks(), headers=headers, timeout=60)
+        assert "content-length" not in response.request.headers
+        assert response.status_code == 413, response.text
+        assert response.json()["error"]["code"] == "request_too_large"
+
+
+def test_405_names_the_allowed_methods(server: ServerProcess) -> None:
+    response = httpx.get(f"{server.url}/v1/chat/completions", headers={"authorization": f"Bearer {KEY}"})
+    assert response.status_code == 405
+    assert response.headers["allow"] == "POST"
+    assert response.json()["error"]["code"] == "method_not_allowed"
+    assert httpx.delete(f"{server.url}/v1/models").headers["allow"] == "GET"
+
+
+def test_openapi_describes_the_request_bodies_and_metrics_as_text(server: ServerProcess) -> None:
+    doc = httpx.get(f"{server.url}/openapi.json").json()
+    assert set(doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    schemas = doc["components"]["schemas"]
+    for path, name, required in (
+        ("/v1/chat/completions", "ChatCompletionRequest", {"model", "messages"}),
+        ("/v1/completions", "CompletionRequest", {"model", "prompt"}),
+    ):
+        body = doc["paths"][path]["post"]["requestBody"]
+        assert body["required"] is True
+        assert body["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{name}"}
+        assert set(schemas[name]["required"]) == required
+        assert {"temperature", "max_tokens", "stream"} <= set(schemas[name]["properties"])
+    refs = {r.rsplit("/", 1)[1] for r in _refs(doc)}
+    assert refs <= set(schemas), refs - set(schemas)
+
+
+def _refs(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "$ref":
+                yield value
+            else:
+                yield from _refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _refs(value)
+
+
+def test_completions_null_max_tokens_means_the_default(server: ServerProcess) -> None:
+    base = {"model": "glm_4_7_flash", "prompt": "Once upon", "ignore_eos": True}
+    absent = post(server, "/v1/completions", base).json()
+    null = post(server, "/v1/completions", {**base, "max_tokens": None}).json()
+    assert absent["usage"]["completion_tokens"] == null["usage"]["completion_tokens"] == 16
+    chat = post(
+        server,
+        "/v1/chat/completions",
+        {"model": "glm_4_7_flash", "messages": HI, "max_tokens": None, "max_completion_tokens": 2},
+    )
+    assert chat.status_code == 200, chat.text
+
+
+TINY_SAMPLING = [
+    {"temperature": 1e-40},
+    {"temperature": 5e-324},
+    {"temperature": 1.0, "top_p": 1e-303},
+    {"temperature": 1.0, "repetition_penalty": 1e-40},
+]
+
+
+@pytest.mark.parametrize("params", TINY_SAMPLING, ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()))
+def test_tiny_sampling_values_generate_without_errors(server: ServerProcess, params: dict[str, float]) -> None:
+    body = {"model": "qwen3_vl_2b", "messages": HI, "max_tokens": 8, "ignore_eos": True, "seed": 3, **params}
+    whole = post(server, "/v1/chat/completions", body)
+    assert whole.status_code == 200, whole.text
+    assert whole.json()["usage"]["completion_tokens"] == 8
+    headers = {"authorization": f"Bearer {KEY}"}
+    with httpx.stream(
+        "POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True}, headers=headers, timeout=60
+    ) as response:
+        assert response.status_code == 200
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert not [c for c in chunks if "error" in c], chunks
+    assert (
+        "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+        == whole.json()["choices"][0]["message"]["content"]
+    )
+    if "repetition_penalty" not in params:  # the limit of a tiny temperature or top_p is the greedy choice
+        greedy = post(server, "/v1/chat/completions", {**body, "temperature": 0, "top_p": 1.0}).json()
+        assert whole.json()["choices"][0]["message"]["content"] == greedy["choices"][0]["message"]["content"]
