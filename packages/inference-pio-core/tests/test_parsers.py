@@ -235,3 +235,14 @@ def test_parsers_are_abstract_interfaces() -> None:
     with pytest.raises(TypeError):
         ReasoningParser()  # type: ignore[abstract]
     assert JsonToolCalls(TOOLS).parameter_schema("get_weather", "city") == {}
+
+
+def test_reasoning_and_tool_calls_cross_the_isolated_workers_pipe() -> None:
+    from inference_pio.common.interfaces import GenerationResult
+    from inference_pio.parsers import ToolCall
+    from inference_pio.security import wire
+
+    chunk = StreamChunk("a", "tool_calls", Usage(1, 2), (3,), "why", (ToolCallDelta(0, "call_1", "add", "{}"),))
+    result = GenerationResult("a", "stop", Usage(1, 2), (3,), "why", (ToolCall("call_1", "add", '{"a": 1}'),))
+    for value in (chunk, result, StreamChunk("plain"), GenerationResult("b", "length", Usage(1, 1))):
+        assert wire.decode(json.loads(json.dumps(wire.encode(value)))) == value

@@ -13,6 +13,7 @@ import struct
 from typing import IO, Any
 
 from inference_pio.common.interfaces import GenerationResult, StreamChunk, Usage
+from inference_pio.parsers import ToolCall, ToolCallDelta
 
 MAX_MESSAGE = 256 * 1024 * 1024
 
@@ -32,11 +33,14 @@ def encode(obj: Any) -> Any:
                 obj.usage.prompt_tokens,
                 obj.usage.completion_tokens,
                 list(obj.token_ids),
+                obj.reasoning,
+                [[c.id, c.name, c.arguments] for c in obj.tool_calls],
             ]
         }
     if isinstance(obj, StreamChunk):
         usage = None if obj.usage is None else [obj.usage.prompt_tokens, obj.usage.completion_tokens]
-        return {"__chunk__": [obj.text, obj.finish_reason, usage, list(obj.token_ids)]}
+        calls = [[d.index, d.id, d.name, d.arguments] for d in obj.tool_calls]
+        return {"__chunk__": [obj.text, obj.finish_reason, usage, list(obj.token_ids), obj.reasoning, calls]}
     if isinstance(obj, dict):
         return {str(k): encode(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -55,11 +59,15 @@ def decode(obj: Any) -> Any:
         if "__bytes__" in obj:
             return base64.b64decode(obj["__bytes__"])
         if "__result__" in obj:
-            text, finish, prompt, completion, ids = obj["__result__"]
-            return GenerationResult(text, finish, Usage(prompt, completion), tuple(ids))
+            text, finish, prompt, completion, ids, reasoning, calls = obj["__result__"]
+            tool_calls = tuple(ToolCall(str(i), str(n), str(a)) for i, n, a in calls)
+            return GenerationResult(text, finish, Usage(prompt, completion), tuple(ids), reasoning, tool_calls)
         if "__chunk__" in obj:
-            text, finish, usage, ids = obj["__chunk__"]
-            return StreamChunk(text, finish, None if usage is None else Usage(*usage), tuple(ids))
+            text, finish, usage, ids, reasoning, calls = obj["__chunk__"]
+            deltas = tuple(ToolCallDelta(int(x), i, n, str(a)) for x, i, n, a in calls)
+            return StreamChunk(
+                text, finish, None if usage is None else Usage(*usage), tuple(ids), str(reasoning), deltas
+            )
         return {k: decode(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [decode(v) for v in obj]
