@@ -1,20 +1,15 @@
 """``IsolatedPlugin``: the manager's stand-in for a plugin that runs in a limited worker process.
 
 It implements the same interface as an in-process plugin, so ``activate_plugin``,
-``execute_plugin`` and streaming work unchanged; every call crosses a pipe to the worker.
+``execute_plugin`` and streaming work unchanged; every call crosses a pipe to the worker. This
+module is the client side of that protocol (requests, streams, queueing, errors); starting,
+stopping and diagnosing the worker process is :mod:`inference_pio.security.process`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import resource
 import select
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -26,49 +21,7 @@ from inference_pio.common.interfaces import Message, StreamChunk, TextModelPlugi
 from inference_pio.common.metadata import ModelPluginMetadata
 from inference_pio.security import wire
 from inference_pio.security.policy import ResourceLimits, TrustLevel
-
-PASS_ENV = (
-    "PATH",
-    "LANG",
-    "LC_ALL",
-    "TZ",
-    "HF_HUB_OFFLINE",
-    "TRANSFORMERS_OFFLINE",
-    "OMP_NUM_THREADS",
-    "OPENBLAS_CORETYPE",
-    "OPENBLAS_L2_SIZE",
-    "CUDA_VISIBLE_DEVICES",
-)
-LIMIT_BY_SIGNAL = {signal.SIGXCPU: "cpu_seconds", signal.SIGXFSZ: "disk_write_bytes"}
-
-
-def worker_environment(workdir: Path, hf_cache: Path) -> dict[str, str]:
-    """Only harmless variables pass; secrets (tokens, API keys, credentials) never reach the worker."""
-    env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
-    env.update(
-        {
-            "HOME": str(workdir),
-            "TMPDIR": str(workdir),
-            "HF_HUB_CACHE": str(hf_cache),
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    return env
-
-
-def apply_limits(pid: int, limits: ResourceLimits) -> None:
-    """OS-enforced caps on the worker (set before it imports the plugin)."""
-    pairs = [
-        (resource.RLIMIT_AS, limits.memory_bytes),
-        (resource.RLIMIT_FSIZE, limits.disk_write_bytes),
-        (resource.RLIMIT_NOFILE, limits.open_files),
-    ]
-    for which, value in pairs:
-        if value is not None:
-            resource.prlimit(pid, which, (value, value))
-    if limits.cpu_seconds is not None:
-        resource.prlimit(pid, resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 5))
+from inference_pio.security.process import WorkerProcess, classify, memory_accounting
 
 
 class IsolatedPlugin(TextModelPluginInterface):
@@ -98,10 +51,7 @@ class IsolatedPlugin(TextModelPluginInterface):
             "sys_path": [p for p in sys.path if p and Path(p).is_dir()],
         }
         self.on_exit = on_exit
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.workdir: Path | None = None
-        self._to: Any = None
-        self._from: Any = None
+        self.process: WorkerProcess | None = None
         self._lock = threading.RLock()  # guards start/stop of the worker
         self._busy = threading.Lock()  # owned by the call or stream using the pipe; any thread may release it
         self._waiting = 0
@@ -118,80 +68,48 @@ class IsolatedPlugin(TextModelPluginInterface):
 
     def load_model(self, config: Mapping[str, Any]) -> None:
         self.cleanup()
-        self.workdir = Path(tempfile.mkdtemp(prefix=f"inference-pio-{self.name}-"))
-        to_worker_r, to_worker_w = os.pipe()
-        from_worker_r, from_worker_w = os.pipe()
-        log = (self.workdir / "worker.log").open("wb")
-        try:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-I",
-                    "-m",
-                    "inference_pio.security.worker",
-                    "--in",
-                    str(to_worker_r),
-                    "--out",
-                    str(from_worker_w),
-                    "--spec",
-                    json.dumps(self.spec),
-                ],
-                pass_fds=(to_worker_r, from_worker_w),
-                cwd=self.workdir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                env=worker_environment(self.workdir, self.hf_cache),
-                start_new_session=True,
-            )
-        finally:
-            os.close(to_worker_r)
-            os.close(from_worker_w)
-            log.close()
-        apply_limits(self.proc.pid, self.limits)
-        self._to = os.fdopen(to_worker_w, "wb", buffering=0)
-        self._from = os.fdopen(from_worker_r, "rb", buffering=0)
+        device = str(config.get("device", "auto"))
+        self.process = WorkerProcess(self.name, self.limits, memory=memory_accounting(device), hf_cache=self.hf_cache)
+        self.process.start(self.spec)
         safe = {k: v for k, v in config.items() if k != "config_manager"}
         self._request({"op": "activate", "config": safe})
 
     def cleanup(self) -> None:
         with self._lock:
-            proc, self.proc = self.proc, None
-            if proc is not None:
-                if proc.poll() is None:
-                    try:
-                        wire.send(self._to, {"op": "shutdown"})
-                        proc.wait(10)
-                    except (OSError, wire.WireError, subprocess.TimeoutExpired):
-                        pass
-                self._kill(proc)
-            for stream in (self._to, self._from):
-                if stream is not None:
-                    stream.close()
-            self._to = self._from = None
-            if self.workdir is not None:
-                shutil.rmtree(self.workdir, ignore_errors=True)
-                self.workdir = None
-
-    @staticmethod
-    def _kill(proc: subprocess.Popen[bytes]) -> None:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+            process, self.process = self.process, None
+            if process is None:
+                return
+            if process.alive and process.to_worker is not None:
+                try:
+                    wire.send(process.to_worker, {"op": "shutdown"})
+                    process.wait(10)
+                except (OSError, wire.WireError):
+                    pass
+            process.stop()
+            process.close_log()
 
     @property
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.process is not None and self.process.alive
+
+    @property
+    def workdir(self) -> Path | None:
+        return None if self.process is None else self.process.workdir
+
+    @property
+    def _to(self) -> Any:
+        return None if self.process is None else self.process.to_worker
+
+    @property
+    def _from(self) -> Any:
+        return None if self.process is None else self.process.from_worker
 
     # -- calls ----------------------------------------------------------------------------------------
     def _deadline(self) -> float | None:
         return None if self.limits.wall_seconds is None else time.monotonic() + self.limits.wall_seconds
 
     def _receive(self, deadline: float | None) -> dict[str, Any]:
-        assert self.proc is not None
+        assert self.process is not None
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         ready, _, _ = select.select([self._from], [], [], timeout)
         if not ready:
@@ -216,26 +134,16 @@ class IsolatedPlugin(TextModelPluginInterface):
         return message
 
     def _died(self) -> Any:
-        assert self.proc is not None
-        code = self.proc.wait()
-        if code < 0 and -code in LIMIT_BY_SIGNAL:
-            limit = LIMIT_BY_SIGNAL[signal.Signals(-code)]
-            self._breach(limit, getattr(self.limits, limit), f"was stopped by {signal.Signals(-code).name}")
-        if (
-            code < 0
-            and self.limits.memory_bytes is not None
-            and -code in (signal.SIGKILL, signal.SIGSEGV, signal.SIGABRT)
-        ):
-            self._breach(
-                "memory",
-                self.limits.memory_bytes,
-                f"died of {signal.Signals(-code).name}, most likely when an allocation failed under its memory limit",
-            )
-        tail = self._log_tail()
+        """The worker's pipe closed: ask the supervisor how it ended and raise the matching error."""
+        assert self.process is not None
+        report = self.process.wait()
+        tail = self.process.log_tail()
+        limit, what = classify(report, self.limits, tail)
+        if limit is not None:
+            self._breach(limit, getattr(self.limits, "memory_bytes" if limit == "memory" else limit), what)
         self._finish()
         raise errors.PluginLoadError(
-            f"the worker of plugin {self.name!r} exited unexpectedly (code {code}); "
-            f"activate it again. Worker log:\n{tail}"
+            f"the worker of plugin {self.name!r} {what}; activate it again. Worker log:\n{tail}"
         )
 
     def _breach(self, limit: str, value: Any, what: str) -> Any:
@@ -249,18 +157,11 @@ class IsolatedPlugin(TextModelPluginInterface):
         )
 
     def _finish(self) -> None:
-        proc = self.proc
-        if proc is not None:
-            self._kill(proc)
+        if self.process is not None:
+            self.process.stop()  # at once: the worker may be hung or over a limit
         self.cleanup()
         if self.on_exit is not None:
             self.on_exit()
-
-    def _log_tail(self) -> str:
-        try:
-            return (self.workdir / "worker.log").read_text(errors="replace")[-2000:] if self.workdir else ""
-        except OSError:
-            return ""
 
     @staticmethod
     def _raise(error: dict[str, Any]) -> Any:
