@@ -246,3 +246,12 @@ def test_reasoning_and_tool_calls_cross_the_isolated_workers_pipe() -> None:
     result = GenerationResult("a", "stop", Usage(1, 2), (3,), "why", (ToolCall("call_1", "add", '{"a": 1}'),))
     for value in (chunk, result, StreamChunk("plain"), GenerationResult("b", "length", Usage(1, 1))):
         assert wire.decode(json.loads(json.dumps(wire.encode(value)))) == value
+
+
+def test_a_parser_bug_on_odd_output_gives_text_not_an_exception() -> None:
+    class Buggy(TaggedToolCallParser):
+        def parse_call(self, body: str) -> tuple[str, Mapping[str, Any]] | None:
+            return body.split()[5], {}  # IndexError on short bodies
+
+    text = "x <tool_call>add</tool_call>"
+    assert same_everywhere(lambda: Buggy(TOOLS), text) == (text, "", [])

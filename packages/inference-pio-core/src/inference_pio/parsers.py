@@ -14,6 +14,7 @@ Torch-free; names no model.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Generator, Iterator, Mapping, Sequence
@@ -22,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from inference_pio.common.interfaces import StreamChunk
+
+log = logging.getLogger("inference_pio.parsers")
 
 
 @dataclass(frozen=True)
@@ -270,7 +273,8 @@ class TaggedToolCallParser(ToolCallParser):
     def _call(self, body: str) -> ParsedDelta:
         try:
             parsed = self.parse_call(body)
-        except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        except Exception:  # model output must never fail a request: a call that cannot be read is text
+            log.debug("%s could not read a tool call; returned as text", type(self).__name__, exc_info=True)
             parsed = None
         if parsed is not None:
             name, arguments = parsed
