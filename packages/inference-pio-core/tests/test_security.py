@@ -496,3 +496,22 @@ def test_activating_an_isolated_plugin_keeps_the_managers_proc_files_from_its_wo
         check=True,
     )
     assert kept.stdout.strip() == "1"
+
+
+def test_security_names_are_public_from_inference_pio_which_stays_light() -> None:
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, inference_pio\n"
+        "from inference_pio.errors import PathNotAllowedError, ResourceLimitExceeded\n"
+        "from inference_pio.security.policy import ResourceLimits, TrustLevel\n"
+        "assert inference_pio.TrustLevel is TrustLevel and inference_pio.ResourceLimits is ResourceLimits\n"
+        "assert inference_pio.ResourceLimitExceeded is ResourceLimitExceeded\n"
+        "assert inference_pio.PathNotAllowedError is PathNotAllowedError\n"
+        "names = {'TrustLevel', 'ResourceLimits', 'ResourceLimitExceeded', 'PathNotAllowedError'}\n"
+        "assert names <= set(inference_pio.__all__)\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'inference_pio.security.isolated') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True)

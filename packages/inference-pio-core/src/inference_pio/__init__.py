@@ -25,15 +25,18 @@ from inference_pio.errors import (
     InvalidRequestError,
     MetadataError,
     ModelLoadError,
+    PathNotAllowedError,
     PluginConflictError,
     PluginDisabledError,
     PluginIncompatibleError,
     PluginLoadError,
     PluginNotActiveError,
     PluginNotFoundError,
+    ResourceLimitExceeded,
 )
 from inference_pio.plugin_system.hookspecs import hookimpl
 from inference_pio.plugin_system.manager import PluginManager, get_plugin_manager, reset_plugin_manager
+from inference_pio.security.policy import ResourceLimits, TrustLevel
 
 __version__ = "0.1.0"
 
@@ -52,6 +55,7 @@ __all__ = [
     "ModelLoadError",
     "ModelPluginInterface",
     "ModelPluginMetadata",
+    "PathNotAllowedError",
     "PluginConflictError",
     "PluginDisabledError",
     "PluginIncompatibleError",
@@ -59,8 +63,11 @@ __all__ = [
     "PluginManager",
     "PluginNotActiveError",
     "PluginNotFoundError",
+    "ResourceLimitExceeded",
+    "ResourceLimits",
     "StreamChunk",
     "TextModelPluginInterface",
+    "TrustLevel",
     "Usage",
     "get_plugin_manager",
     "hookimpl",
