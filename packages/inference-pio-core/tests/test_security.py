@@ -515,3 +515,18 @@ def test_security_names_are_public_from_inference_pio_which_stays_light() -> Non
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", probe], check=True)
+
+
+def test_plugins_json_fields_are_the_ones_docs_security_md_lists(tmp_path: Path) -> None:
+    import re
+
+    docs = (Path(__file__).resolve().parents[3] / "docs" / "security.md").read_text()
+    section = docs.split("## `inference-pio plugins --json`", 1)[1].split("\n## ", 1)[0]
+    documented = re.findall(r"^\| `(\w+)` \|", section, flags=re.MULTILINE)
+    pm = PluginManager(environ={"INFERENCE_PIO_CONFIG": str(tmp_path / "none.toml")})
+    pm.load_plugins_from_directory(MISBEHAVING)
+    pm.load_plugins_from_directory(Path(__file__).parent / "fixtures" / "broken_plugins")
+    rows = [record.as_row() for record in pm.list_plugins()]
+    assert any(row["status"] == "broken" for row in rows)
+    for row in rows:
+        assert list(row) == documented, row["name"]

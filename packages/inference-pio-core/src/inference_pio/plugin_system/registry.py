@@ -49,7 +49,7 @@ class PluginRecord:
             "error": None if self.error is None else f"{type(self.error).__name__}: {self.error}",
             "trust": None if self.trust is None else str(self.trust),
             "isolated": self.isolated,
-            **self.extra,
+            "limits": self.extra.get("limits"),  # None until a trust level is known (e.g. a broken plugin)
         }
 
 

@@ -54,7 +54,11 @@ def prctl(option: int, value: int) -> bool:
 def descendants(root: int) -> list[int]:
     """Every live process below ``root`` (from /proc; zombies included)."""
     children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
+    try:
+        entries = os.listdir("/proc")
+    except OSError:  # no /proc (not Linux): nothing found, nothing killed beyond the worker
+        return []
+    for entry in entries:
         if not entry.isdigit():
             continue
         try:
