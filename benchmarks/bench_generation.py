@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from inference_pio import GenerationParams
-from inference_pio.runtime.engine import Prompt
+from inference_pio.runtime.contract import Prompt
 
 PLUGINS = {
     "qwen3_vl_2b": ("inference_pio_qwen3_vl_2b", "create_qwen3_vl_2b_plugin"),
@@ -54,7 +54,7 @@ def timed(fn: Callable[[], Any], device: str, reps: int) -> float:
     return statistics.median(times)
 
 
-def build(model_name: str, size: str, device: str, dtype: torch.dtype) -> Any:
+def build(model_name: str, size: str, device: str, dtype: torch.dtype, compile: bool | None) -> Any:
     import importlib
 
     module_name, factory = PLUGINS[model_name]
@@ -72,6 +72,7 @@ def build(model_name: str, size: str, device: str, dtype: torch.dtype) -> Any:
                     "dtype": "auto",
                     "quantization": "none",
                     "max_context": 1024,
+                    "compile": compile,
                 }
             )
         return plugin
@@ -81,7 +82,7 @@ def build(model_name: str, size: str, device: str, dtype: torch.dtype) -> Any:
     cls = getattr(transformers, plugin.MODEL_CLASS)
     with torch.device(device):
         model = cls._from_config(config, dtype=dtype).eval()
-    plugin.use_model(model, max_context=1024)
+    plugin.use_model(model, max_context=1024, compile=compile)
     return plugin
 
 
@@ -93,10 +94,12 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto: on for CUDA only")
     ap.add_argument("--json")
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    plugin = build(args.model, args.size, args.device, dtype)
+    compile = {"auto": None, "on": True, "off": False}[args.compile]
+    plugin = build(args.model, args.size, args.device, dtype, compile)
     engine, model = plugin.engine, plugin.model
     vocab = engine.vocab_size
     ids = torch.randint(
@@ -104,7 +107,7 @@ def main() -> None:
     ).tolist()
 
     def ours(n: int) -> None:
-        for _ in engine.generate(Prompt(list(ids)), GenerationParams(max_new_tokens=n, temperature=0)):
+        for _ in plugin.scheduler.submit(Prompt(list(ids)), GenerationParams(max_new_tokens=n, ignore_eos=True)):
             pass
 
     def theirs(n: int) -> None:
@@ -132,12 +135,15 @@ def main() -> None:
         "device": args.device,
         "dtype": str(dtype),
         "machine": machine(args.device),
+        "compiled": engine.compile,
+        "warm_up_s": engine.compiled_at,
         "prompt": args.prompt,
         "new": args.new,
         "rows": rows,
         "decode_ratio": ratio,
     }
-    print(f"{args.model} ({args.size}, {dtype}) on {result['machine']}; prompt {args.prompt}, new {args.new}")
+    mode = f"compiled decode step (warm-up {engine.compiled_at:.1f} s)" if engine.compile else "eager decode step"
+    print(f"{args.model} ({args.size}, {dtype}) on {result['machine']}; prompt {args.prompt}, new {args.new}; {mode}")
     for name, row in rows.items():
         print(f"  {name:<22} prefill {row['prefill_ms']:8.1f} ms   decode {row['decode_tok_s']:8.1f} tok/s")
     print(f"  decode ratio inference-pio / transformers: {ratio:.2f}x")

@@ -78,7 +78,7 @@ class Qwen3VL2BPlugin(HFTextPlugin):
 
         from inference_pio.errors import InvalidRequestError
         from inference_pio.runtime.chat import normalize_messages
-        from inference_pio.runtime.engine import Prompt
+        from inference_pio.runtime.contract import Prompt
         from inference_pio.runtime.images import load_image
 
         max_pixels = int(self.settings.get("max_image_pixels", 16_777_216))

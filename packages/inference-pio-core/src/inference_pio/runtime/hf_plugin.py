@@ -161,6 +161,9 @@ class HFTextPlugin(TextModelPluginInterface):
         from inference_pio.runtime.engine import DecodeEngine
         from inference_pio.runtime.scheduler import Scheduler
 
+        if self.scheduler is not None:  # a model attached before: its runtime ends first
+            self.scheduler.close()
+            self.engine.release()
         self.model = model
         text_config = model.config.get_text_config()
         limit = int(getattr(text_config, "max_position_embeddings", DEFAULT_CONTEXT))
@@ -259,7 +262,7 @@ class HFTextPlugin(TextModelPluginInterface):
             raise InvalidRequestError(f"prompt must be a string, got {type(prompt).__name__}", "prompt")
         if not prompt.strip():
             raise InvalidRequestError("the prompt is empty", "prompt")
-        from inference_pio.runtime.engine import Prompt
+        from inference_pio.runtime.contract import Prompt
 
         parsed = GenerationParams.parse(params)
         return self.run(Prompt(self.tokenize(prompt)), parsed)
@@ -283,7 +286,7 @@ class HFTextPlugin(TextModelPluginInterface):
     def prepare_chat(self, messages: Sequence[Message], options: dict[str, Any], tools: Any = None) -> Any:
         """Turn messages (and a ``ToolRequest``) into a :class:`Prompt` with the chat template (text-only default)."""
         from inference_pio.runtime.chat import normalize_messages
-        from inference_pio.runtime.engine import Prompt
+        from inference_pio.runtime.contract import Prompt
 
         norm = normalize_messages(messages, allow_images=False, max_images=0)
         ids: list[int] = []

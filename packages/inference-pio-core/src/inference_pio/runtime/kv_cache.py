@@ -41,11 +41,11 @@ class SlotLayer(CacheLayerMixin):  # type: ignore[misc]  # transformers is untyp
         self.max_len = max_len
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        heads = key_states.shape[1]
-        self.keys = key_states.new_zeros((self.max_slots, heads, self.max_len, key_states.shape[-1]))
-        self.values = value_states.new_zeros(
-            (self.max_slots, value_states.shape[1], self.max_len, value_states.shape[-1])
-        )
+        # One spare position: every view is then a strict prefix, never the whole buffer, so a compiled
+        # step sees the same memory layout (non-contiguous) for every view length and never specializes.
+        length = self.max_len + 1
+        self.keys = key_states.new_zeros((self.max_slots, key_states.shape[1], length, key_states.shape[-1]))
+        self.values = value_states.new_zeros((self.max_slots, value_states.shape[1], length, value_states.shape[-1]))
         self.device = key_states.device
         self.is_initialized = True
 
@@ -61,9 +61,10 @@ class SlotLayer(CacheLayerMixin):  # type: ignore[misc]  # transformers is untyp
         self.keys[index] = key_states.transpose(1, 2).to(self.keys.dtype)
         self.values[index] = value_states.transpose(1, 2).to(self.values.dtype)
         view = plan.view or self.max_len
+        keys, values = self.keys.narrow(2, 0, view), self.values.narrow(2, 0, view)
         if plan.all_rows:
-            return self.keys[:, :, :view], self.values[:, :, :view]
-        return self.keys[plan.rows, :, :view], self.values[plan.rows, :, :view]
+            return keys, values
+        return keys[plan.rows], values[plan.rows]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.max_len, 0
