@@ -107,3 +107,14 @@ def test_info_prints_metadata_as_json() -> None:
     info = json.loads(proc.stdout)
     assert info["status"] == "ok"
     assert info["metadata"]["model_id"] == "fixture/text"
+
+
+def test_run_and_chat_default_to_the_generation_parameters_default_token_limit() -> None:
+    from inference_pio import GenerationParams
+    from inference_pio.cli import build_parser
+
+    default = GenerationParams().max_new_tokens
+    parser = build_parser()
+    assert parser.parse_args(["run", "p", "hi"]).max_new_tokens == default
+    assert parser.parse_args(["chat", "p"]).max_new_tokens == default
+    assert f"default {default}" in " ".join(cli("run", "--help").stdout.split())

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import inference_pio
 
 TORCH_MODULES = {
@@ -78,3 +80,35 @@ def test_the_decode_loop_list_is_current() -> None:
             elif isinstance(node, ast.ImportFrom) and node.module:
                 imported.add(node.module)
         assert imported & {"torch", *TORCH_MODULES}, f"{module} no longer imports torch: remove it from TORCH_MODULES"
+
+
+def test_importing_the_core_and_listing_plugins_import_neither_pydantic_nor_the_runtime() -> None:
+    """Listing is the cold-start path (``inference-pio plugins``): pydantic alone would be a third of it."""
+    code = (
+        "import json, sys, io, contextlib, inference_pio\n"
+        "before = sorted(m for m in sys.modules if m == 'pydantic' or m.startswith('inference_pio.runtime'))\n"
+        "import inference_pio.cli as cli\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "    assert cli.main(['plugins', '--json']) == 0\n"
+        "rows = json.loads(out.getvalue())\n"
+        "after = sorted(m for m in sys.modules if m == 'pydantic' or m.startswith('inference_pio.runtime'))\n"
+        "print(json.dumps([before, after, sorted(r['name'] for r in rows if r['status'] == 'ok')]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before, after, listed = json.loads(proc.stdout)
+    assert before == [] and after == []
+    assert {"qwen3_vl_2b", "glm_4_7_flash"} <= set(listed)
+
+
+def test_pydantic_models_load_on_first_use_under_their_usual_names() -> None:
+    from inference_pio import GenerationParams
+    from inference_pio.common import config_manager, interfaces, schemas
+
+    assert GenerationParams is interfaces.GenerationParams is schemas.GenerationParams
+    assert interfaces.PluginOptions is schemas.PluginOptions
+    assert config_manager.BuiltinConfig is schemas.BuiltinConfig
+    assert interfaces.ModelPluginInterface.Options is schemas.PluginOptions
+    assert GenerationParams().max_new_tokens == interfaces.DEFAULT_MAX_NEW_TOKENS
+    with pytest.raises(AttributeError, match="NoSuchName"):
+        _ = interfaces.NoSuchName  # type: ignore[attr-defined]

@@ -50,3 +50,18 @@ def test_valid_metadata_round_trips() -> None:
 def test_invalid_metadata_names_the_field(field: str, value: Any) -> None:
     with pytest.raises(MetadataError, match=f"field '{field}|int8"):
         validate_metadata({**GOOD, field: value}, source="plugin x")
+
+
+def test_building_metadata_directly_names_every_bad_field_and_normalizes_lists() -> None:
+    with pytest.raises(MetadataError, match=r"field 'name'.*field 'parameter_count'") as caught:
+        ModelPluginMetadata(**{**GOOD, "name": "X", "parameter_count": -3})
+    assert "field 'version'" not in str(caught.value)
+    with pytest.raises(TypeError, match="licence"):
+        ModelPluginMetadata(**GOOD, licence="typo")
+    meta = ModelPluginMetadata(**{**GOOD, "parameter_count": 1e9})
+    assert meta.modalities == ("text", "image") and meta.supported_devices == ("cpu", "cuda")
+    assert meta.parameter_count == 10**9 and isinstance(meta.parameter_count, int)
+    with pytest.raises(MetadataError, match="field 'parameter_count'"):
+        ModelPluginMetadata(**{**GOOD, "parameter_count": 2.5})
+    with pytest.raises(MetadataError, match="field 'license': required"):
+        validate_metadata({k: v for k, v in GOOD.items() if k != "license"}, source="plugin x")

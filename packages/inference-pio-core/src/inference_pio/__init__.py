@@ -1,14 +1,15 @@
 """inference-pio: a plugin-based local inference system.
 
-Importing this package is cheap: no torch, no transformers, no plugin modules.
+Importing this package is cheap: no torch, no transformers, no pydantic, no plugin modules.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from inference_pio.common.config_manager import ConfigManager
 from inference_pio.common.interfaces import (
     PLUGIN_API_VERSION,
-    GenerationParams,
     GenerationResult,
     ModelPluginInterface,
     StreamChunk,
@@ -37,6 +38,19 @@ from inference_pio.errors import (
 from inference_pio.plugin_system.hookspecs import hookimpl
 from inference_pio.plugin_system.manager import PluginManager, get_plugin_manager, reset_plugin_manager
 from inference_pio.security.policy import ResourceLimits, TrustLevel
+
+if TYPE_CHECKING:
+    from inference_pio.common.schemas import GenerationParams as GenerationParams
+else:
+
+    def __getattr__(name: str) -> Any:
+        """``GenerationParams`` (a pydantic model) loads on first use, keeping this import light."""
+        if name == "GenerationParams":
+            from inference_pio.common.schemas import GenerationParams
+
+            return GenerationParams
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 

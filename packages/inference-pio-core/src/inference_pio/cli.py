@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from inference_pio.common.interfaces import StreamChunk, TextModelPluginInterface
+from inference_pio.common.interfaces import DEFAULT_MAX_NEW_TOKENS, StreamChunk, TextModelPluginInterface
 from inference_pio.errors import InferencePIOError
 from inference_pio.plugin_system.manager import PluginManager, get_plugin_manager
 
@@ -266,7 +266,12 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--model-path", help="local checkpoint directory or hub id (default: the plugin's model)")
     p.add_argument("--max-context", type=int, help="context window to allocate (prompt + new tokens)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=DEFAULT_MAX_NEW_TOKENS,
+        help=f"most tokens to generate (default {DEFAULT_MAX_NEW_TOKENS})",
+    )
     p.add_argument("--temperature", type=float, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float)
     p.add_argument("--top-k", type=int)

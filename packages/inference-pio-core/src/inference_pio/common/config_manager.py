@@ -13,36 +13,26 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from typing import TYPE_CHECKING, Any
 
 from inference_pio.common.memory import DeviceMemory, MemoryPlan, host_memory, plan_memory
 from inference_pio.common.metadata import GB, ModelPluginMetadata, Precision
 from inference_pio.errors import ConfigError
 
+if TYPE_CHECKING:
+    from inference_pio.common.schemas import BuiltinConfig as BuiltinConfig
+else:
+
+    def __getattr__(name: str) -> Any:
+        """``BuiltinConfig`` (a pydantic model) loads on first use: listing plugins never needs it."""
+        if name == "BuiltinConfig":
+            from inference_pio.common.schemas import BuiltinConfig
+
+            return BuiltinConfig
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 RESERVED_ENV = {"PLUGINS", "DISABLE_PLUGINS", "STRICT", "CONFIG", "SIMULATED_FREE_MEMORY", "LOG_LEVEL"}
-DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-
-class BuiltinConfig(BaseModel):
-    """Keys every plugin understands, with their built-in defaults."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    device: str = Field(default="auto", pattern=DEVICE_RE.pattern)
-    dtype: str = Field(default="auto", pattern=r"^(auto|float32|bfloat16|float16)$")
-    quantization: str = Field(default="auto", pattern=r"^(auto|none|int8|int4)$")
-    model_path: str | None = None
-    revision: str | None = None
-    local_files_only: bool = False
-    max_context: int | None = Field(default=None, gt=0, description="cap on prompt + new tokens (KV cache length)")
-    max_batch_size: int = Field(default=1, ge=1, le=256, description="decode slots kept in the static KV cache")
-    compile: bool | None = Field(default=None, description="compile the decode step (CUDA graphs); None: on CUDA")
-    max_queue: int = Field(default=64, ge=0, le=100_000, description="requests waiting for a decode slot")
-    gpu_memory_fraction: float | None = Field(default=None, gt=0.0, le=1.0, description="per-process CUDA cap")
-    max_images: int = Field(default=8, ge=0, le=64)
-    max_image_pixels: int = Field(default=16_777_216, gt=0, description="pixels accepted per image before refusal")
 
 
 def default_config_path(environ: Mapping[str, str]) -> Path:
@@ -123,6 +113,8 @@ class ConfigManager:
         return data
 
     def _env_layer(self, plugin_name: str) -> dict[str, tuple[str, str]]:
+        from inference_pio.common.schemas import BuiltinConfig
+
         out: dict[str, tuple[str, str]] = {}
         plugin_prefix = f"INFERENCE_PIO_{plugin_name.upper()}__"
         for key, value in self.environ.items():
@@ -141,6 +133,10 @@ class ConfigManager:
         overrides: Mapping[str, Any] | None = None,
     ) -> ResolvedConfig:
         """Merge every layer for ``plugin_name`` and validate the result."""
+        from pydantic import ValidationError
+
+        from inference_pio.common.schemas import BuiltinConfig
+
         plugin_defaults = dict(plugin_defaults or {})
         values: dict[str, Any] = BuiltinConfig().model_dump()
         sources = dict.fromkeys(values, "built-in default")
@@ -182,6 +178,8 @@ class ConfigManager:
     def _coerce_env(key: str, raw: str, plugin_defaults: Mapping[str, Any]) -> Any:
         """Environment values are strings: convert to the key's type, taken from ``BuiltinConfig``'s
         annotation or from the plugin default's type."""
+        from inference_pio.common.schemas import BuiltinConfig
+
         if key in BuiltinConfig.model_fields:
             annotation = BuiltinConfig.model_fields[key].annotation
             kinds = typing.get_args(annotation) or (annotation,)

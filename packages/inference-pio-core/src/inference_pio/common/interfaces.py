@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from inference_pio.common.metadata import ModelPluginMetadata
 from inference_pio.errors import InvalidRequestError
@@ -17,9 +14,23 @@ from inference_pio.parsers import ReasoningParser, ToolCall, ToolCallDelta, Tool
 if TYPE_CHECKING:
     from inference_pio.common.config_manager import ConfigManager
     from inference_pio.common.memory import MemoryPlan
+    from inference_pio.common.schemas import GenerationParams as GenerationParams
+    from inference_pio.common.schemas import PluginOptions as PluginOptions
+else:
+
+    def __getattr__(name: str) -> Any:
+        """``GenerationParams`` and ``PluginOptions`` (pydantic models) load on first use: see ``schemas``."""
+        if name in ("GenerationParams", "PluginOptions"):
+            from inference_pio.common import schemas
+
+            return getattr(schemas, name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 PLUGIN_API_VERSION = "1.0"
 """Version of the plugin API this core implements; plugins declare the range they support."""
+DEFAULT_MAX_NEW_TOKENS = 256
+"""``GenerationParams.max_new_tokens`` when a request names none; here so the CLI can show it without pydantic."""
 
 FinishReason = Literal["stop", "length", "tool_calls"]
 Message = Mapping[str, Any]
@@ -64,85 +75,14 @@ class StreamChunk:
     tool_calls: tuple[ToolCallDelta, ...] = ()  # tool-call deltas, as OpenAI streams them
 
 
-class GenerationParams(BaseModel):
-    """Validated sampling parameters shared by every text plugin."""
+class _DefaultOptions:
+    """``Options`` of a plugin that declares none: ``PluginOptions``, looked up on first use so that defining a
+    plugin class (listing plugins does) never imports pydantic."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    def __get__(self, instance: object, owner: type | None = None) -> type[PluginOptions]:
+        from inference_pio.common.schemas import PluginOptions
 
-    max_new_tokens: int = Field(default=256, ge=1, le=1_000_000)
-    temperature: float = Field(default=0.0, ge=0.0, le=100.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)
-    stop: tuple[str, ...] = Field(default=(), max_length=16)
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=100.0)
-    ignore_eos: bool = Field(default=False, description="keep generating past end-of-sequence (benchmarks)")
-
-    @field_validator("temperature", "top_p", "repetition_penalty", mode="before")
-    @classmethod
-    def _finite(cls, value: Any) -> Any:
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        return value
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop_list(cls, value: Any) -> Any:
-        if value is None:
-            return ()
-        if isinstance(value, str):
-            value = (value,)
-        if any(not isinstance(s, str) or s == "" for s in value):
-            raise ValueError("stop sequences must be non-empty strings")
-        return tuple(value)
-
-    @classmethod
-    def parse(cls, params: Mapping[str, Any]) -> GenerationParams:
-        """Validate keyword parameters into an instance, or raise ``InvalidRequestError`` naming the parameter."""
-        try:
-            return cls.model_validate(dict(params))
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            name = ".".join(str(p) for p in err["loc"]) or "params"
-            if err["type"] == "extra_forbidden":
-                known = ", ".join(cls.model_fields)
-                raise InvalidRequestError(f"unknown generation parameter '{name}'; known: {known}", param=name) from exc
-            raise InvalidRequestError(
-                f"invalid generation parameter '{name}': {err['msg']} (got {err.get('input')!r})", param=name
-            ) from exc
-
-
-class PluginOptions(BaseModel):
-    """A plugin's typed options: switches its chat template reads (``Options`` on the plugin class).
-
-    A plugin declares its own by subclassing (``class Options(PluginOptions): enable_thinking: bool = True``).
-    Unknown keys and wrong types are refused (strict: ``"yes"`` is not a bool), so options can never carry
-    generation parameters or other keyword arguments past their validation.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-    @classmethod
-    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
-        super().__pydantic_init_subclass__(**kwargs)
-        taken = set(cls.model_fields) & {*GenerationParams.model_fields, "messages", "prompt"}
-        if taken:
-            raise TypeError(f"{cls.__qualname__} declares {sorted(taken)}, names that generation already uses")
-
-    @classmethod
-    def parse(cls, values: Mapping[str, Any], prefix: str = "") -> Self:
-        """Validate ``values``, or raise ``InvalidRequestError`` naming the key (``prefix`` + key)."""
-        try:
-            return cls.model_validate(dict(values))
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            name = prefix + ".".join(str(p) for p in err["loc"])
-            if err["type"] == "extra_forbidden":
-                known = ", ".join(cls.model_fields) or "none"
-                message = f"unknown option '{name}' for this model; its options: {known}"
-            else:
-                message = f"invalid option '{name}': {err['msg']} (got {err.get('input')!r})"
-            raise InvalidRequestError(message, name) from exc
+        return PluginOptions
 
 
 class ModelPluginInterface(ABC):
@@ -152,7 +92,7 @@ class ModelPluginInterface(ABC):
     """Set by the manager before ``initialize``; plugins use it to plan memory."""
     memory_plan: MemoryPlan | None = None
     """The dtype/quantization decision of the last ``load_model``, for users to read."""
-    Options: ClassVar[type[PluginOptions]] = PluginOptions
+    Options: ClassVar[type[PluginOptions]] = _DefaultOptions()  # type: ignore[assignment]
     """The plugin's chat options (none by default); ``stream_chat`` accepts them as keyword arguments."""
 
     @property
