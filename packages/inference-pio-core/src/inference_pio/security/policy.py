@@ -2,14 +2,14 @@
 
 Policy (documented in docs/security.md, which also says who gets which level):
 
-=========  ==============  ===========================================  ==================  ======================
-level      runs            may read weights from                        pickle weights      default limits
-=========  ==============  ===========================================  ==================  ======================
-LOW        worker process  Hugging Face cache, configured ``model_dirs``  refused             8 GiB, 300 s CPU, ...
-MEDIUM     worker process  Hugging Face cache, configured ``model_dirs``  refused             32 GiB, 3600 s CPU, ...
-HIGH       in-process      any checked local directory, or the hub      refused             GPU memory fraction
-MAXIMUM    in-process      any checked local directory, or the hub      pass path checks    none
-=========  ==============  ===========================================  ==================  ======================
+=========  ==============  =============================================  ================  =======================
+level      runs            may read weights from                          pickle weights    default limits
+=========  ==============  =============================================  ================  =======================
+LOW        worker process  Hugging Face cache, configured ``model_dirs``  refused           8 GiB, 300 s CPU, ...
+MEDIUM     worker process  Hugging Face cache, configured ``model_dirs``  refused           32 GiB, 3600 s CPU, ...
+HIGH       in-process      any checked local directory, or the hub        refused           GPU memory fraction
+MAXIMUM    in-process      any checked local directory, or the hub        pass path checks  none
+=========  ==============  =============================================  ================  =======================
 
 At MAXIMUM pickle files pass path validation; whether they are loaded is the plugin's choice (the
 shared runtime's loader reads safetensors only).
@@ -63,8 +63,8 @@ class TrustLevel(enum.IntEnum):
 class ResourceLimits:
     """Caps for one plugin. ``None`` means unlimited. Enforced by the OS in isolated workers."""
 
-    cpu_seconds: int | None = None
-    memory_bytes: int | None = None  # address space of the worker process
+    cpu_seconds: int | None = None  # over the worker's whole life, not per call
+    memory_bytes: int | None = None  # address space (device cpu) or resident memory of the worker tree (GPU)
     disk_write_bytes: int | None = None  # largest file the worker may write
     open_files: int | None = None
     wall_seconds: float | None = None  # per call

@@ -133,7 +133,9 @@ class WorkerProcess:
         to_r, to_w = os.pipe()
         from_r, from_w = os.pipe()
         status_r, status_w = os.pipe()
-        self._log = (self.workdir / "worker.log").open("w+b")  # kept open: readable after the folder is gone
+        # kept open, so it is readable after the folder is gone; append mode, so reading it here never
+        # moves where the supervisor and worker (which share the open file) write
+        self._log = (self.workdir / "worker.log").open("a+b")
         worker = ["-I", "-m", "inference_pio.security.worker", "--in", str(to_r), "--out", str(from_w)]
         config = {
             "worker": [*worker, "--spec", json.dumps(spec)],
@@ -241,6 +243,8 @@ class WorkerProcess:
 
 def classify(report: dict[str, Any], limits: ResourceLimits, log_tail: str) -> tuple[str | None, str]:
     """Which limit ended the worker (``None`` for a crash) and what happened, from the supervisor's report."""
+    if not report:
+        return None, "ended without a report from its supervisor (the supervisor was killed or did not start)"
     number = report.get("signal")
     cpu = float(report.get("cpu_seconds") or 0)
     name = signal.Signals(number).name if number else ""
