@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -95,6 +94,8 @@ class ConfigManager:
         """The parsed TOML file (empty when it does not exist)."""
         if self._file_data is None:
             if self.config_file.is_file():
+                import tomllib  # only when there is a file: listing plugins without one skips the parser
+
                 try:
                     self._file_data = tomllib.loads(self.config_file.read_text(encoding="utf-8"))
                 except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
