@@ -110,5 +110,6 @@ def test_pydantic_models_load_on_first_use_under_their_usual_names() -> None:
     assert config_manager.BuiltinConfig is schemas.BuiltinConfig
     assert interfaces.ModelPluginInterface.Options is schemas.PluginOptions
     assert GenerationParams().max_new_tokens == interfaces.DEFAULT_MAX_NEW_TOKENS
+    assert config_manager.BuiltinConfig().max_queue == config_manager.DEFAULT_MAX_QUEUE
     with pytest.raises(AttributeError, match="NoSuchName"):
         _ = interfaces.NoSuchName  # type: ignore[attr-defined]

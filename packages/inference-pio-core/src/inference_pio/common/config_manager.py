@@ -32,6 +32,8 @@ else:
 
 
 RESERVED_ENV = {"PLUGINS", "DISABLE_PLUGINS", "STRICT", "CONFIG", "SIMULATED_FREE_MEMORY", "LOG_LEVEL"}
+DEFAULT_MAX_QUEUE = 64
+"""``BuiltinConfig.max_queue`` unless configured; here so help texts can show it without pydantic."""
 
 
 def default_config_path(environ: Mapping[str, str]) -> Path:
@@ -239,4 +241,4 @@ class ConfigManager:
         )
 
 
-__all__ = ["GB", "BuiltinConfig", "ConfigManager", "ResolvedConfig", "parse_size"]
+__all__ = ["DEFAULT_MAX_QUEUE", "GB", "BuiltinConfig", "ConfigManager", "ResolvedConfig", "parse_size"]

@@ -13,6 +13,7 @@ from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from inference_pio.common.config_manager import DEFAULT_MAX_QUEUE
 from inference_pio.common.interfaces import DEFAULT_MAX_NEW_TOKENS
 from inference_pio.errors import InvalidRequestError
 
@@ -112,7 +113,7 @@ class BuiltinConfig(BaseModel):
     max_context: int | None = Field(default=None, gt=0, description="cap on prompt + new tokens (KV cache length)")
     max_batch_size: int = Field(default=1, ge=1, le=256, description="decode slots kept in the static KV cache")
     compile: bool | None = Field(default=None, description="compile the decode step (CUDA graphs); None: on CUDA")
-    max_queue: int = Field(default=64, ge=0, le=100_000, description="requests waiting for a decode slot")
+    max_queue: int = Field(default=DEFAULT_MAX_QUEUE, ge=0, le=100_000, description="requests waiting for a slot")
     gpu_memory_fraction: float | None = Field(default=None, gt=0.0, le=1.0, description="per-process CUDA cap")
     max_images: int = Field(default=8, ge=0, le=64)
     max_image_pixels: int = Field(default=16_777_216, gt=0, description="pixels accepted per image before refusal")
