@@ -107,6 +107,17 @@ CASES: dict[str, tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]
         {},
         None,
     ),
+    "preserved thinking keeps earlier reasoning": (
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "<think>They greet me.</think>Hello there."},
+            {"role": "user", "content": "And?"},
+            {"role": "assistant", "content": "Fine.", "reasoning_content": "Old reasoning."},
+            {"role": "user", "content": "Bye"},
+        ],
+        {"clear_thinking": False},
+        None,
+    ),
     "tools offered": ([{"role": "user", "content": "Weather in Oslo?"}], {}, [WEATHER, ADD]),
     "tool calls and results": (TOOL_TURN, {}, [WEATHER, ADD]),
     "tool calls and results, then an answer and a new question": (
@@ -169,6 +180,8 @@ def test_the_cases_exercise_every_content_feature(checkpoint: Path) -> None:
 
     assert "They greet me" not in render("reasoning in earlier turns is stripped")
     assert "Old reasoning" not in render("reasoning in earlier turns is stripped")
+    assert "<think>Old reasoning.</think>" in render("preserved thinking keeps earlier reasoning")
+    assert "<think>They greet me.</think>" in render("preserved thinking keeps earlier reasoning")
     assert "<think>Thinking aloud</think>Hello." in render("reasoning after the last user turn is kept")
     assert "<|assistant|><think>why</think>Hello there.<|user|>" not in render("whitespace is trimmed")
     assert "<|assistant|></think>Hello there.<|user|>" in render("whitespace is trimmed")

@@ -23,12 +23,15 @@ class Glm47FlashPlugin(HFTextPlugin):
     class Options(PluginOptions):
         enable_thinking: bool = True
         """Think (``<think>...</think>``) before answering; False starts the answer directly."""
+        clear_thinking: bool = True
+        """Drop the reasoning of assistant turns before the last user message (the template's default);
+        False keeps it in the prompt ("preserved thinking", for agents that send ``reasoning_content`` back)."""
 
     def apply_template(
         self, messages: list[dict[str, Any]], options: Mapping[str, Any], tools: list[dict[str, Any]] | None = None
     ) -> str:
         template = getattr(self.tokenizer, "chat_template", None) or CHAT_TEMPLATE
-        thinking = self.Options.parse(options).enable_thinking
+        chosen = self.Options.parse(options)
         return str(
             self.tokenizer.apply_chat_template(
                 messages,
@@ -36,7 +39,8 @@ class Glm47FlashPlugin(HFTextPlugin):
                 chat_template=template,
                 tokenize=False,
                 add_generation_prompt=True,
-                enable_thinking=thinking,
+                enable_thinking=chosen.enable_thinking,
+                clear_thinking=chosen.clear_thinking,
             )
         )
 
