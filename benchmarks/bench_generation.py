@@ -1,6 +1,7 @@
 """Prefill and decode speed: the plugin's runtime against plain transformers `generate`, same weights, one run.
 
     python benchmarks/bench_generation.py --model qwen3_vl_2b --size tiny
+    python benchmarks/bench_generation.py --model qwen3_vl_2b --size mid             # ~0.5 B random weights
     python benchmarks/bench_generation.py --model qwen3_vl_2b --size full            # 2.1 B random weights
     python benchmarks/bench_generation.py --model glm_4_7_flash --size full --device cuda   # needs ~60 GB GPU
 
@@ -54,6 +55,42 @@ def timed(fn: Callable[[], Any], device: str, reps: int) -> float:
     return statistics.median(times)
 
 
+def mid_size_config(model_name: str) -> Any:
+    """A ~0.5 B-parameter variant of the real architecture, for CPU measurements at a realistic size."""
+    if model_name == "qwen3_vl_2b":
+        from inference_pio_qwen3_vl_2b.testing import PUBLISHED_IDS, qwen3_vl_config
+
+        text = dict(
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=64,
+            vocab_size=151936,
+            max_position_embeddings=8192,
+        )
+        vision = dict(depth=2, hidden_size=256, intermediate_size=512, num_heads=4, out_hidden_size=1024)
+        return qwen3_vl_config(text=text, vision=vision, mrope_section=[8, 12, 12], token_ids=PUBLISHED_IDS)
+    from transformers import Glm4MoeLiteConfig
+
+    return Glm4MoeLiteConfig(
+        hidden_size=1024,
+        intermediate_size=2816,
+        moe_intermediate_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=16,
+        n_routed_experts=32,
+        num_experts_per_tok=4,
+        kv_lora_rank=256,
+        q_lora_rank=384,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        qk_nope_head_dim=64,
+        vocab_size=151552,
+    )
+
+
 def build(model_name: str, size: str, device: str, dtype: torch.dtype, compile: bool | None) -> Any:
     import importlib
 
@@ -78,7 +115,7 @@ def build(model_name: str, size: str, device: str, dtype: torch.dtype, compile: 
         return plugin
     import transformers
 
-    config = testing.full_size_config()
+    config = testing.full_size_config() if size == "full" else mid_size_config(model_name)
     cls = getattr(transformers, plugin.MODEL_CLASS)
     with torch.device(device):
         model = cls._from_config(config, dtype=dtype).eval()
@@ -89,7 +126,7 @@ def build(model_name: str, size: str, device: str, dtype: torch.dtype, compile: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(PLUGINS), default="qwen3_vl_2b")
-    ap.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    ap.add_argument("--size", choices=["tiny", "mid", "full"], default="tiny", help="mid: ~0.5 B parameters")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=32)

@@ -317,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("inference_pio.progress").setLevel(logging.INFO)  # e.g. compiling the decode step
     try:
         pm = get_plugin_manager()
         for directory in args.plugins_dir:

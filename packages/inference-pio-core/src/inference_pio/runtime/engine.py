@@ -64,6 +64,8 @@ class DecodeEngine:
         self.deltas = torch.zeros((max_slots, 1), dtype=torch.long, device=dev)
         self.active = torch.zeros((max_slots, 1), dtype=torch.long, device=dev)
         """1 for slots holding a request: the others are parked at position 0 after every step."""
+        for buffer in (self._key_positions, self._rows, self.tokens, self.positions, self.deltas, self.active):
+            torch._dynamo.mark_static_address(buffer)  # read by the captured step at fixed addresses
         self._row_lists: dict[tuple[int, ...], torch.Tensor] = {}
         self._compiled: Any = None
         self.compile = compile

@@ -178,7 +178,8 @@ class HFTextPlugin(TextModelPluginInterface):
         )
         if self.tokenizer is not None:
             self.eos_ids = self.find_eos_ids()
-        self.engine.warm_up(lambda line: log.info("%s: %s", self.metadata.name, line))
+        progress = logging.getLogger("inference_pio.progress")  # shown by the CLI without --verbose
+        self.engine.warm_up(lambda line: progress.info("%s: %s", self.metadata.name, line))
         if max_queue is None:
             from inference_pio.common.config_manager import BuiltinConfig
 

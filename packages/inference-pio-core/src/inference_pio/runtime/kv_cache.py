@@ -46,6 +46,9 @@ class SlotLayer(CacheLayerMixin):  # type: ignore[misc]  # transformers is untyp
         length = self.max_len + 1
         self.keys = key_states.new_zeros((self.max_slots, key_states.shape[1], length, key_states.shape[-1]))
         self.values = value_states.new_zeros((self.max_slots, value_states.shape[1], length, value_states.shape[-1]))
+        # Fixed addresses: CUDA graphs may then write into the cache in place instead of skipping capture.
+        torch._dynamo.mark_static_address(self.keys)
+        torch._dynamo.mark_static_address(self.values)
         self.device = key_states.device
         self.is_initialized = True
 

@@ -243,14 +243,14 @@ class Scheduler:
     def _finish(
         self, sequence: Sequence, reason: EndReason, error: BaseException | None = None, *, last: int | None = None
     ) -> None:
-        sequence.out.put(_End(reason, error, last))
-        with self._cond:
+        with self._cond:  # the slot is free before the reader sees the end
             if sequence in self._active:
                 self._active.remove(sequence)
             if sequence.slot >= 0:
                 self.engine.release_slot(sequence.slot)
                 self._free.append(sequence.slot)
                 sequence.slot = -1
+        sequence.out.put(_End(reason, error, last))
 
 
 def _filters(params: GenerationParams) -> bool:
