@@ -186,3 +186,28 @@ def test_compiled_step_has_no_graph_break_compiles_once_and_matches_eager(model:
     assert dict(counters["graph_break"]) == {}
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # no recompilation for any bucket
     assert time.perf_counter() - started < 600
+
+
+def test_logprobs_are_the_log_softmax_of_the_reference_logits(model: Any, runtime: Scheduler) -> None:
+    p = prompt(12)
+    with torch.inference_mode():
+        ref = model.generate(
+            input_ids=torch.tensor([p.ids]),
+            max_new_tokens=6,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    expected = torch.log_softmax(torch.stack([s[0].float() for s in ref.logits]), dim=-1)
+    stream = runtime.submit(p, GenerationParams(max_new_tokens=6, ignore_eos=True, logprobs=5))
+    alone_in_batch = runtime.submit(prompt(7), greedy(6))  # a batch-mate that asks for none
+    tokens = list(stream)
+    assert list(alone_in_batch) and alone_in_batch.logprobs == []
+    assert tokens == ref.sequences[0, len(p.ids) :].tolist()
+    assert len(stream.logprobs) == 6
+    for step, (token, value, top) in enumerate(stream.logprobs):
+        assert token == tokens[step]
+        assert abs(value - expected[step, token].item()) < 1e-4
+        best = expected[step].topk(5)
+        assert [t for t, _ in top] == best.indices.tolist()
+        assert max(abs(v - w) for (_, v), w in zip(top, best.values.tolist())) < 1e-4

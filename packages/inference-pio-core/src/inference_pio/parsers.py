@@ -358,8 +358,10 @@ class _ParsedStream(Iterator["StreamChunk"]):
                 step += _Pipeline.finish_of(self._pipeline.reasoning, self._pipeline.tools)
             called = called or bool(step.tool_calls)
             if chunk.finish_reason is None:
-                if step:
-                    yield StreamChunk(step.content, reasoning=step.reasoning, tool_calls=step.tool_calls)
+                if step or chunk.logprobs:
+                    yield StreamChunk(
+                        step.content, reasoning=step.reasoning, tool_calls=step.tool_calls, logprobs=chunk.logprobs
+                    )
                 continue
             finish = "tool_calls" if called and chunk.finish_reason == "stop" else chunk.finish_reason
             yield replace(

@@ -50,6 +50,17 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token with its log-probability under the model (log-softmax of its raw logits, before
+    temperature, penalties and filters) and the most likely alternatives at that position, best first."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class GenerationResult:
     """What ``generate_text``, ``chat_completion`` and ``infer`` return."""
 
@@ -61,6 +72,8 @@ class GenerationResult:
     """The model's reasoning, split off ``text`` by the plugin's reasoning parser (None: there was none)."""
     tool_calls: tuple[ToolCall, ...] = ()
     """Calls of the functions offered with ``tools=``, parsed out of ``text``."""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """One entry per generated token when ``logprobs=`` was asked for."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +86,7 @@ class StreamChunk:
     token_ids: tuple[int, ...] = field(default=(), repr=False)  # all generated ids, on the final chunk
     reasoning: str = ""  # reasoning delta (``text`` is the answer's content delta)
     tool_calls: tuple[ToolCallDelta, ...] = ()  # tool-call deltas, as OpenAI streams them
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens consumed since the previous chunk, when asked for
 
 
 class _DefaultOptions:
@@ -191,8 +205,10 @@ def collect(chunks: Iterator[StreamChunk]) -> GenerationResult:
     finish: FinishReason | None = None
     usage: Usage | None = None
     token_ids: tuple[int, ...] = ()
+    logprobs: list[TokenLogprob] = []
     for chunk in chunks:
         parts.append(chunk.text)
+        logprobs += chunk.logprobs
         reasoning.append(chunk.reasoning)
         calls += chunk.tool_calls
         if chunk.finish_reason is not None:
@@ -206,4 +222,5 @@ def collect(chunks: Iterator[StreamChunk]) -> GenerationResult:
         token_ids=token_ids,
         reasoning="".join(reasoning) or None,
         tool_calls=join_tool_calls(calls),
+        logprobs=tuple(logprobs),
     )

@@ -44,6 +44,12 @@ class TokenStream(Protocol):
     """Set when the stream ends: ``stop`` (end-of-sequence token, which is the last id yielded),
     ``length`` (``max_new_tokens`` or the context window), ``cancelled`` or ``error``."""
 
+    @property
+    def logprobs(self) -> list[tuple[int, float, tuple[tuple[int, float], ...]]]:
+        """With ``params.logprobs`` set: per token (id, log-probability, best alternatives as (id, value)),
+        entry ``i`` present before token ``i`` is yielded."""
+        ...
+
     def __iter__(self) -> Iterator[int]: ...
 
     def __next__(self) -> int: ...

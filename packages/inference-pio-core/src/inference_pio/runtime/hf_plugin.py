@@ -21,6 +21,7 @@ from inference_pio.common.interfaces import (
     Message,
     StreamChunk,
     TextModelPluginInterface,
+    TokenLogprob,
     Usage,
 )
 from inference_pio.common.memory import checkpoint_parameter_count, requirements_for
@@ -349,6 +350,7 @@ class HFTextPlugin(TextModelPluginInterface):
         detok = IncrementalDetokenizer(self.tokenizer)
         stops = StopMatcher(params.stop)
         generated: list[int] = []
+        pending: list[TokenLogprob] = []  # logprobs of tokens whose text has not been sent yet
         finish = "length"
         stopped_by_string = False
         with closing(token_source) as tokens:
@@ -356,9 +358,12 @@ class HFTextPlugin(TextModelPluginInterface):
                 generated.append(token)
                 if tokens.finish_reason == "stop":  # the runtime ended on end-of-sequence; its text is not shown
                     break
+                if params.logprobs is not None:
+                    pending.append(self._token_logprob(tokens.logprobs[len(generated) - 1]))
                 text, stopped_by_string = stops.push(detok.push(token))
                 if text:
-                    yield StreamChunk(text)
+                    yield StreamChunk(text, logprobs=tuple(pending))
+                    pending = []
                 if stopped_by_string:
                     finish = "stop"
                     break
@@ -371,8 +376,23 @@ class HFTextPlugin(TextModelPluginInterface):
             else:
                 text += stops.flush()
             if text:
-                yield StreamChunk(text)
-        yield StreamChunk("", finish, Usage(len(prompt.ids), len(generated)), tuple(generated))  # type: ignore[arg-type]
+                yield StreamChunk(text, logprobs=tuple(pending))
+                pending = []
+        usage = Usage(len(prompt.ids), len(generated))
+        yield StreamChunk("", finish, usage, tuple(generated), logprobs=tuple(pending))  # type: ignore[arg-type]
+
+    def _token_logprob(self, entry: tuple[int, float, tuple[tuple[int, float], ...]]) -> TokenLogprob:
+        """The runtime's (id, logprob, alternatives) with each token's text."""
+        token, logprob, top = entry
+        return TokenLogprob(
+            token,
+            self._token_text(token),
+            logprob,
+            tuple((alt, self._token_text(alt), value) for alt, value in top),
+        )
+
+    def _token_text(self, token: int) -> str:
+        return str(self.tokenizer.decode([token], skip_special_tokens=False))
 
 
 class _Stream(Iterator[StreamChunk]):

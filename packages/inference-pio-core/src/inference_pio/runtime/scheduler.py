@@ -45,6 +45,8 @@ class Sequence:
     cancelled: threading.Event = field(default_factory=threading.Event)
     slot: int = -1
     generated: int = 0
+    logprobs: list[tuple[int, float, tuple[tuple[int, float], ...]]] = field(default_factory=list)
+    """(token, its log-probability, the best alternatives) per new token, when ``params.logprobs`` is set."""
 
 
 class TokenStream(Iterator[int]):
@@ -53,6 +55,11 @@ class TokenStream(Iterator[int]):
     def __init__(self, sequence: Sequence) -> None:
         self._sequence = sequence
         self.finish_reason: EndReason | None = None
+
+    @property
+    def logprobs(self) -> list[tuple[int, float, tuple[tuple[int, float], ...]]]:
+        """Entry ``i`` belongs to the ``i``-th token; it is there before the token is yielded."""
+        return self._sequence.logprobs
 
     def __next__(self) -> int:
         if self.finish_reason is not None:
@@ -194,6 +201,7 @@ class Scheduler:
                 rows = engine.rows_tensor([sequence.slot])
                 tokens = self.sampling.sample(logits, rows, filters=_filters(sequence.params))
                 engine.tokens[rows, 0] = tokens
+                _record_logprobs([sequence], logits, tokens)
         except Exception as exc:  # one bad request must not stop the others
             log.exception("prefill failed")
             self._finish(sequence, "error", exc)
@@ -212,8 +220,10 @@ class Scheduler:
             logits = engine.decode_step(slots)
             with torch.inference_mode():
                 rows = engine.rows_tensor(slots)
-                tokens = self.sampling.sample(logits[rows], rows, filters=any(_filters(s.params) for s in batch))
+                picked_logits = logits[rows]
+                tokens = self.sampling.sample(picked_logits, rows, filters=any(_filters(s.params) for s in batch))
                 engine.tokens[rows, 0] = tokens
+                _record_logprobs(batch, picked_logits, tokens)
                 picked = tokens.tolist()  # the one host read of the step
         except Exception as exc:
             log.exception("decode step failed")
@@ -256,3 +266,20 @@ class Scheduler:
 def _filters(params: GenerationParams) -> bool:
     """Whether sampling for ``params`` needs the top-k/top-p sort."""
     return params.temperature > 0 and (params.top_k > 0 or params.top_p < 1.0)
+
+
+def _record_logprobs(batch: list[Sequence], logits: torch.Tensor, tokens: torch.Tensor) -> None:
+    """Append each asking sequence's logprob entry: log-softmax of the raw logits (what the model says,
+    before temperature, penalties and filters), the chosen token's value and the top alternatives."""
+    wanted = [s.params.logprobs for s in batch]
+    if all(n is None for n in wanted):
+        return
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(-1, tokens[:, None])[:, 0].tolist()
+    k = max(n or 0 for n in wanted)
+    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], tokens[:, None][:, :0])
+    values, ids = top_values.tolist(), top_ids.tolist()
+    for i, (sequence, token) in enumerate(zip(batch, tokens.tolist())):
+        n = sequence.params.logprobs
+        if n is not None:
+            sequence.logprobs.append((token, chosen[i], tuple(zip(ids[i][:n], values[i][:n]))))
