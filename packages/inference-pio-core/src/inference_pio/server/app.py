@@ -107,6 +107,9 @@ def create_app(
                 doc = body.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(doc.pop("$defs", {}))
                 components[body.__name__] = doc
+                # What this server accepts: its models, its limit on choices.
+                doc["properties"]["model"]["enum"] = [m.name for m in settings.models]
+                doc["properties"]["n"]["maximum"] = settings.max_n
             app.openapi_schema = schema
         return app.openapi_schema
 

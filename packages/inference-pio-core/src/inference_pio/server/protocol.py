@@ -9,13 +9,11 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from inference_pio.common.interfaces import GenerationParams, GenerationResult
-from inference_pio.runtime.chat import MAX_MESSAGES  # torch-free: validation only
+from inference_pio.common.interfaces import DEFAULT_MAX_NEW_TOKENS, GenerationResult
+from inference_pio.runtime.chat import MAX_MESSAGES, ROLES  # torch-free: validation only
 
 MAX_STOP = 4
 Kind = Literal["chat", "completion"]
-DEFAULT_MAX_TOKENS: int = GenerationParams.model_fields["max_new_tokens"].default
-"""Chat default for ``max_tokens``: the plugins' own default, so the server and the Python API agree."""
 
 
 class StreamOptions(BaseModel):
@@ -27,7 +25,7 @@ class GenerationRequest(BaseModel):
     """What the chat and completion requests share: the model, sampling parameters, ``n``, streaming."""
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
-    default_max_tokens: ClassVar[int] = DEFAULT_MAX_TOKENS
+    default_max_tokens: ClassVar[int] = DEFAULT_MAX_NEW_TOKENS  # the plugins' own default: server and API agree
 
     model: str = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(
@@ -82,8 +80,24 @@ class GenerationRequest(BaseModel):
         return params
 
 
+class ChatMessage(BaseModel):
+    """One chat message; the model's plugin checks its content (text, image parts) in detail."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: str = Field(json_schema_extra={"enum": list(ROLES)})
+    content: str | list[dict[str, Any]] | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _role(cls, value: str) -> str:
+        if value not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {value!r}")
+        return value
+
+
 class ChatCompletionRequest(GenerationRequest):
-    messages: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_MESSAGES)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None

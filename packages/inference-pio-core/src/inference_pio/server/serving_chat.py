@@ -33,7 +33,8 @@ def template_options(plugin: TextModelPluginInterface, request: ChatCompletionRe
 def start_chat(state: ServerState, request: ChatCompletionRequest, plugin: TextModelPluginInterface) -> StreamFactory:
     options = template_options(plugin, request)
     settings = state.settings
-    messages = resolve_images(request.messages, settings.allowed_image_hosts, settings.max_body_bytes)
+    given = [message.model_dump(exclude_unset=True) for message in request.messages]
+    messages = resolve_images(given, settings.allowed_image_hosts, settings.max_body_bytes)
 
     def make(i: int) -> Iterator[StreamChunk]:
         return plugin.stream_chat(messages, **request.generation_params(seed_offset=i), **options)
