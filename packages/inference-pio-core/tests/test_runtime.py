@@ -211,3 +211,18 @@ def test_logprobs_are_the_log_softmax_of_the_reference_logits(model: Any, runtim
         best = expected[step].topk(5)
         assert [t for t, _ in top] == best.indices.tolist()
         assert max(abs(v - w) for (_, v), w in zip(top, best.values.tolist())) < 1e-4
+
+
+def test_importing_inference_pio_chooses_passive_openmp_waiting_unless_the_user_chose() -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, inference_pio; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    chosen = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert chosen.stdout.strip() == "PASSIVE"
+    kept = subprocess.run(
+        [sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True, text=True
+    )
+    assert kept.stdout.strip() == "ACTIVE"

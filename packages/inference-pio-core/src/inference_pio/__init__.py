@@ -5,7 +5,14 @@ Importing this package is cheap: no torch, no transformers, no pydantic, no plug
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
+
+# The decode loop runs on its own thread. With OpenMP's default active waiting, each thread's worker team
+# spins after every parallel region and starves the other thread's team: on a 2-core machine a CPU decode
+# step became 5-30x slower. Passive waiting must be chosen before torch loads OpenMP, so it is set here;
+# a user's own OMP_WAIT_POLICY wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from inference_pio.common.config_manager import ConfigManager
 from inference_pio.common.interfaces import (
