@@ -1,8 +1,9 @@
 """The isolated worker: runs one plugin under OS resource limits and answers the manager over pipes.
 
-Started by :class:`inference_pio.security.isolated.IsolatedPlugin` as ``python -I -m
-inference_pio.security.worker``, with a scrubbed environment, its own working directory and rlimits
-applied before the plugin is imported.
+Started as ``python -I -m inference_pio.security.worker`` by its supervisor
+(:mod:`inference_pio.security.supervisor`), which applies the rlimits before ``exec``, so before any
+plugin code runs; the environment is scrubbed and the working directory is the worker's own. The
+manager's side of the pipes is :class:`inference_pio.security.isolated.IsolatedPlugin`.
 """
 
 from __future__ import annotations
