@@ -70,3 +70,16 @@ def test_model_packages_build_their_hooks_with_the_core_helper(tmp_path: Path) -
     for package in ("inference-pio-qwen3-vl-2b", "inference-pio-glm-4-7-flash"):
         source = next((ROOT / "packages" / package / "src").glob("*/hooks.py")).read_text()
         assert "register_plugins_hook(" in source and "demo_checkpoint_hook(" in source and "@hookimpl" not in source
+
+
+def test_register_hooks_run_through_pluggys_hook_caller_so_wrappers_work(pm: PluginManager, tmp_path: Path) -> None:
+    """A wrapper implementation only runs when pluggy calls the hook (calling the function directly would
+    just create a generator), so this registration proves the manager uses pluggy's hook caller."""
+    (tmp_path / "wrapped.py").write_text(
+        "from inference_pio import hookimpl\n"
+        "@hookimpl(wrapper=True)\n"
+        "def inference_pio_register_plugins(register):\n"
+        "    register('wrapped', 'x:y', {'name': 'wrapped'})\n"
+        "    return (yield)\n"
+    )
+    assert pm.load_plugins_from_directory(tmp_path) == ["wrapped"]
