@@ -530,3 +530,15 @@ def test_plugins_json_fields_are_the_ones_docs_security_md_lists(tmp_path: Path)
     assert any(row["status"] == "broken" for row in rows)
     for row in rows:
         assert list(row) == documented, row["name"]
+
+
+def test_a_worker_activated_from_a_short_lived_thread_outlives_that_thread(secure: PluginManager) -> None:
+    """Linux sends the parent-death signal when the forking *thread* ends; workers are forked from one
+    long-lived thread, so activating from a thread that then exits (a server's loader) keeps them."""
+    import threading
+
+    loader = threading.Thread(target=lambda: secure.activate_plugin("well_behaved", device="cpu"))
+    loader.start()
+    loader.join(60)
+    time.sleep(1)  # time for a parent-death signal to arrive, were it armed for the loader thread
+    assert secure.execute_plugin("well_behaved", "still here").text == "still here"
