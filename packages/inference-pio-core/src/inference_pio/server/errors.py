@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from fastapi.responses import JSONResponse
 
 from inference_pio.errors import ContextLengthError, InvalidRequestError, QueueFullError, SchedulerStoppedError
-from inference_pio.server.protocol import error_body
 
 log = logging.getLogger("inference_pio.server")
 
@@ -34,7 +33,7 @@ class APIError(Exception):
         self.status, self.type, self.param, self.code, self.headers = status, type_, param, code, headers
 
     def body(self) -> dict[str, object]:
-        return error_body(str(self), type_=self.type, param=self.param, code=self.code)
+        return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)

@@ -185,12 +185,6 @@ def completion_body(
     }
 
 
-def error_body(
-    message: str, *, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
 def chunk(
     kind: Kind,
     rid: str,
