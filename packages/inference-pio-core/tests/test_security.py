@@ -112,6 +112,7 @@ def test_worker_gets_a_scrubbed_environment_and_its_own_directory(secure: Plugin
         "OPENBLAS_L2_SIZE",
         "CUDA_VISIBLE_DEVICES",
         "LC_CTYPE",
+        "OMP_WAIT_POLICY",  # set by the worker itself when it imports inference_pio
     }
     assert Path(cwd).name.startswith("inference-pio-env_dump-") and Path(cwd) != Path.cwd()
 
@@ -455,10 +456,15 @@ def test_a_segfault_is_a_crash_not_a_limit_breach(strict_limits: PluginManager) 
     assert not strict_limits.get_record("segfaulter").active
 
 
-def test_gpu_workers_are_held_to_resident_memory_not_an_address_space_cap(strict_limits: PluginManager) -> None:
+def test_gpu_workers_are_held_to_resident_memory_not_an_address_space_cap(tmp_path: Path) -> None:
     """CUDA reserves more address space than any sensible limit, so a worker that may use a GPU gets its
     memory measured as resident memory by the supervisor instead of RLIMIT_AS."""
     import resource
+
+    config = tmp_path / "memory.toml"
+    config.write_text('[limits.low]\nmemory = "512MiB"\nwall_seconds = 180\n')
+    strict_limits = PluginManager(environ={"INFERENCE_PIO_CONFIG": str(config)})
+    strict_limits.load_plugins_from_directory(MISBEHAVING)
 
     strict_limits.activate_plugin("limits_probe", device="cpu")
     assert strict_limits.execute_plugin("limits_probe", "?").text == str(512 * 2**20)
@@ -468,6 +474,7 @@ def test_gpu_workers_are_held_to_resident_memory_not_an_address_space_cap(strict
     with pytest.raises(ResourceLimitExceeded, match="resident memory") as info:
         strict_limits.execute_plugin("toucher", "eat")
     assert info.value.limit == "memory" and info.value.value == 512 * 2**20
+    strict_limits.shutdown()
 
 
 def test_activating_an_isolated_plugin_keeps_the_managers_proc_files_from_its_worker(
