@@ -92,6 +92,7 @@ def chat(server: ServerProcess, body: object) -> httpx.Response:
 def test_torch_free_server_answers_503_while_loading_then_serves(server: ServerProcess) -> None:
     body = {"model": "echo", "messages": [{"role": "user", "content": "hello world"}]}
     statuses = []
+    refused = 0
     while not statuses or statuses[-1] != 200:
         try:
             statuses.append(httpx.get(f"{server.url}/health", timeout=5).status_code)
@@ -100,10 +101,13 @@ def test_torch_free_server_answers_503_while_loading_then_serves(server: ServerP
             continue
         if statuses[-1] == 503:
             loading = chat(server, body)
+            if loading.status_code == 200:  # loading ended between the two requests
+                continue
             assert loading.status_code == 503, loading.text
             assert loading.headers["retry-after"] == "5"
             assert loading.json()["error"]["code"] == "not_ready"
-    assert 503 in statuses, "the slow plugin's 3 s load was never seen"
+            refused += 1
+    assert refused, f"no request was refused while loading (health answers: {statuses})"
     answer = chat(server, body)
     assert answer.status_code == 200, answer.text
     assert answer.json()["choices"][0]["message"]["content"] == "hello world"
@@ -112,7 +116,8 @@ def test_torch_free_server_answers_503_while_loading_then_serves(server: ServerP
 @pytest.mark.parametrize(
     ("body", "status", "param"),
     [
-        ({"model": "echo", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
+        ({"model": "echo", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
+        ({"model": "echo", "messages": [{"role": "system", "content": "hi"}]}, 400, "messages"),  # echo's own check
         ({"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
         ({"model": "echo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
         (
