@@ -31,6 +31,9 @@ class GenerationParams(BaseModel):
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=100.0)
     ignore_eos: bool = Field(default=False, description="keep generating past end-of-sequence (benchmarks)")
+    grammar: str | None = Field(
+        default=None, description="an llguidance grammar every new token must follow (runtime.constraints builds them)"
+    )
     logprobs: int | None = Field(
         default=None, ge=0, le=20, description="report each new token's log-probability and this many alternatives"
     )

@@ -185,7 +185,12 @@ class HFTextPlugin(TextModelPluginInterface):
             from inference_pio.common.config_manager import BuiltinConfig
 
             max_queue = int(BuiltinConfig.model_fields["max_queue"].default)
-        self.scheduler = Scheduler(self.engine, self.eos_ids, max_queue=int(max_queue))
+        constraints = None
+        if self.tokenizer is not None:
+            from inference_pio.runtime.constraints import Constraints
+
+            constraints = Constraints(self.tokenizer, self.engine.vocab_size, self.eos_ids)
+        self.scheduler = Scheduler(self.engine, self.eos_ids, max_queue=int(max_queue), constraints=constraints)
 
     def load_processor(self, source: str, config: Mapping[str, Any]) -> None:
         """Load the tokenizer (and processor); subclasses with images override this."""
@@ -356,7 +361,7 @@ class HFTextPlugin(TextModelPluginInterface):
         with closing(token_source) as tokens:
             for token in tokens:
                 generated.append(token)
-                if tokens.finish_reason == "stop":  # the runtime ended on end-of-sequence; its text is not shown
+                if tokens.finish_reason == "stop" and token in self.eos_ids:  # end-of-sequence: its text is not shown
                     break
                 if params.logprobs is not None:
                     pending.append(self._token_logprob(tokens.logprobs[len(generated) - 1]))

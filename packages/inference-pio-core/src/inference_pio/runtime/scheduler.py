@@ -16,11 +16,13 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from inference_pio.common.interfaces import GenerationParams
-from inference_pio.errors import QueueFullError, SchedulerStoppedError
+from inference_pio.errors import InvalidRequestError, QueueFullError, SchedulerStoppedError
+from inference_pio.runtime.constraints import LOOKAHEAD, MARGIN, Constraints, apply_constraints
 from inference_pio.runtime.contract import EndReason, Prompt, RuntimeStats
 from inference_pio.runtime.engine import DecodeEngine
 from inference_pio.runtime.sampling import SamplingState
@@ -45,6 +47,8 @@ class Sequence:
     cancelled: threading.Event = field(default_factory=threading.Event)
     slot: int = -1
     generated: int = 0
+    matcher: Any = None  # llguidance matcher of a constrained request
+    closing_length: int = 0  # tokens its grammar needs to close up, measured near the end of the budget
     logprobs: list[tuple[int, float, tuple[tuple[int, float], ...]]] = field(default_factory=list)
     """(token, its log-probability, the best alternatives) per new token, when ``params.logprobs`` is set."""
 
@@ -95,8 +99,10 @@ class Scheduler:
         *,
         max_queue: int,
         on_step: Callable[[int], None] | None = None,
+        constraints: Constraints | None = None,
     ) -> None:
         self.engine = engine
+        self.constraints = constraints
         self.eos_ids = eos_ids
         self.max_queue = max_queue
         self.on_step = on_step
@@ -135,6 +141,10 @@ class Scheduler:
         if not prompt.ids or len(prompt.ids) > self.engine.max_len:
             raise ValueError(f"a prompt must have 1 to {self.engine.max_len} tokens, got {len(prompt.ids)}")
         sequence = Sequence(prompt, params)
+        if params.grammar is not None:  # a bad grammar is refused here, in the caller's thread
+            if self.constraints is None:
+                raise InvalidRequestError("this model's runtime has no tokenizer for constrained output", "grammar")
+            sequence.matcher = self.constraints.matcher(params.grammar)
         with self._cond:
             if self._stopping:
                 raise SchedulerStoppedError("the server is shutting down; no new requests are accepted")
@@ -199,7 +209,9 @@ class Scheduler:
             with torch.inference_mode():
                 self.sampling.assign(sequence.slot, sequence.params, sequence.prompt.ids, engine.vocab_size)
                 rows = engine.rows_tensor([sequence.slot])
-                tokens = self.sampling.sample(logits, rows, filters=_filters(sequence.params))
+                tokens = self.sampling.sample(
+                    self._constrain([sequence], logits), rows, filters=_filters(sequence.params)
+                )
                 engine.tokens[rows, 0] = tokens
                 _record_logprobs([sequence], logits, tokens)
         except Exception as exc:  # one bad request must not stop the others
@@ -221,7 +233,9 @@ class Scheduler:
             with torch.inference_mode():
                 rows = engine.rows_tensor(slots)
                 picked_logits = logits[rows]
-                tokens = self.sampling.sample(picked_logits, rows, filters=any(_filters(s.params) for s in batch))
+                tokens = self.sampling.sample(
+                    self._constrain(batch, picked_logits), rows, filters=any(_filters(s.params) for s in batch)
+                )
                 engine.tokens[rows, 0] = tokens
                 _record_logprobs(batch, picked_logits, tokens)
                 picked = tokens.tolist()  # the one host read of the step
@@ -235,12 +249,33 @@ class Scheduler:
             self.on_step(len(batch))
         self._postprocess(batch, picked)
 
+    def _constrain(self, batch: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` (one row per sequence of ``batch``) with each grammar's disallowed tokens removed."""
+        rows = [j for j, s in enumerate(batch) if s.matcher is not None]
+        if not rows or self.constraints is None:
+            return logits
+        matchers = [batch[j].matcher for j in rows]
+        allowed = self.constraints.mask(matchers, logits.device)
+        forced = []
+        for j in rows:
+            sequence = batch[j]
+            left = sequence.params.max_new_tokens - sequence.generated
+            if left <= LOOKAHEAD and (sequence.closing_length == 0 or left % 4 == 0):
+                sequence.closing_length = self.constraints.closing_length(sequence.matcher)
+            closing = left <= LOOKAHEAD and left <= sequence.closing_length + MARGIN
+            forced.append(self.constraints.best_closer(sequence.matcher) if closing else -1)
+        return apply_constraints(logits, rows, allowed, forced)
+
     def _postprocess(self, batch: list[Sequence], tokens: list[int]) -> None:
         """Hand each sequence its token and decide, here only, whether it is finished."""
         for sequence, token in zip(batch, tokens):
             sequence.generated += 1
             self.tokens += 1
-            if token in self.eos_ids and not sequence.params.ignore_eos:
+            grammar_done = False
+            if sequence.matcher is not None:
+                sequence.matcher.consume_token(token)
+                grammar_done = sequence.matcher.is_stopped()
+            if (token in self.eos_ids and not sequence.params.ignore_eos) or grammar_done:
                 self._finish(sequence, "stop", last=token)
             elif (
                 sequence.generated >= sequence.params.max_new_tokens
