@@ -108,3 +108,14 @@ def test_extreme_values_behave_like_their_limits_without_nan() -> None:
     state = state_for(GenerationParams(temperature=1.0, repetition_penalty=1e-40, seed=1), prompt=[4])
     logits[0, 4] = 0.5
     assert draw(state, logits, 3, [0])[0] == [4, 4, 4]
+
+
+def test_an_all_greedy_batch_skips_the_noise_and_picks_the_same_tokens() -> None:
+    logits = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(2))
+    fast = state_for(GenerationParams(), GenerationParams(repetition_penalty=1.3), prompt=[int(logits[0].argmax())])
+    slow = state_for(GenerationParams(), GenerationParams(repetition_penalty=1.3), prompt=[int(logits[0].argmax())])
+    rows = torch.tensor([0, 1])
+    for _ in range(3):
+        assert fast.sample(logits, rows, random=False).tolist() == slow.sample(logits, rows).tolist()
+    assert fast.step.tolist() == slow.step.tolist() == [3, 3]
+    assert fast.seen is not None and slow.seen is not None and torch.equal(fast.seen, slow.seen)

@@ -116,15 +116,24 @@ class SamplingState:
             ids = torch.tensor([i for i in prompt_ids if 0 <= i < vocab], dtype=torch.int64, device=self.seed.device)
             self.seen[slot, ids] = True
 
-    def sample(self, logits: torch.Tensor, rows: torch.Tensor, *, filters: bool = True) -> torch.Tensor:
+    def sample(
+        self, logits: torch.Tensor, rows: torch.Tensor, *, filters: bool = True, random: bool = True
+    ) -> torch.Tensor:
         """Next token of each of ``rows`` (slot indices) from ``logits`` ``[len(rows), vocab]`` (float32).
 
-        ``filters=False`` skips the top-k/top-p sort when the host knows no row uses them.
+        The host knows which parameters its rows use: ``filters=False`` skips the top-k/top-p sort,
+        ``random=False`` (every row greedy) skips the noise.
         """
         logits = logits.float()
         if self.seen is not None:
             logits = apply_repetition_penalty(logits, self.seen[rows], self.penalty[rows])
         greedy_pick = logits.argmax(-1)
+        if not random:
+            tokens = greedy_pick
+            self.step[rows] += 1
+            if self.seen is not None:
+                self.seen[rows, tokens] = True
+            return tokens
         temperature = self.temperature[rows]
         scaled = logits / temperature.clamp(min=MIN_TEMPERATURE)[:, None]
         if filters:

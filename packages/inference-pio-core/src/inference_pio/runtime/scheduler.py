@@ -25,7 +25,7 @@ from inference_pio.errors import InvalidRequestError, QueueFullError, SchedulerS
 from inference_pio.runtime.constraints import LOOKAHEAD, MARGIN, Constraints, apply_constraints
 from inference_pio.runtime.contract import EndReason, Prompt, RuntimeStats
 from inference_pio.runtime.engine import DecodeEngine
-from inference_pio.runtime.sampling import SamplingState
+from inference_pio.runtime.sampling import MIN_TEMPERATURE, SamplingState
 
 log = logging.getLogger("inference_pio.scheduler")
 
@@ -210,7 +210,10 @@ class Scheduler:
                 self.sampling.assign(sequence.slot, sequence.params, sequence.prompt.ids, engine.vocab_size)
                 rows = engine.rows_tensor([sequence.slot])
                 tokens = self.sampling.sample(
-                    self._constrain([sequence], logits), rows, filters=_filters(sequence.params)
+                    self._constrain([sequence], logits),
+                    rows,
+                    filters=_filters(sequence.params),
+                    random=_random(sequence.params),
                 )
                 engine.tokens[rows, 0] = tokens
                 _record_logprobs([sequence], logits, tokens)
@@ -234,7 +237,10 @@ class Scheduler:
                 rows = engine.rows_tensor(slots)
                 picked_logits = logits[rows]
                 tokens = self.sampling.sample(
-                    self._constrain(batch, picked_logits), rows, filters=any(_filters(s.params) for s in batch)
+                    self._constrain(batch, picked_logits),
+                    rows,
+                    filters=any(_filters(s.params) for s in batch),
+                    random=any(_random(s.params) for s in batch),
                 )
                 engine.tokens[rows, 0] = tokens
                 _record_logprobs(batch, picked_logits, tokens)
@@ -296,6 +302,11 @@ class Scheduler:
                 self._free.append(sequence.slot)
                 sequence.slot = -1
         sequence.out.put(_End(reason, error, last))
+
+
+def _random(params: GenerationParams) -> bool:
+    """Whether sampling for ``params`` draws (as opposed to greedy decoding)."""
+    return params.temperature >= MIN_TEMPERATURE
 
 
 def _filters(params: GenerationParams) -> bool:
