@@ -18,7 +18,6 @@ import pytest
 import inference_pio
 
 TORCH_MODULES = {
-    "inference_pio.runtime.constraints",
     "inference_pio.runtime.engine",
     "inference_pio.runtime.kv_cache",
     "inference_pio.runtime.sampling",

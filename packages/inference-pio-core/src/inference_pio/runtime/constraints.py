@@ -7,7 +7,8 @@ one step in tens of microseconds on the CPU while the device works. xgrammar wou
 pins its own torch range, which a plugin distribution cannot afford; llguidance has no such pin.
 
 A request carries its grammar as the serialized grammar llguidance produces (``json_schema_grammar``,
-``lark_grammar``), a plain string, so parameters stay torch- and llguidance-free. The scheduler keeps
+``lark_grammar``), a plain string, so parameters stay torch- and llguidance-free; this module imports
+torch only where masks are applied, so the torch-free server can build grammars. The scheduler keeps
 one matcher per constrained request; the masks of a step are applied to the logits on the device,
 constrained and unconstrained requests share the step.
 
@@ -24,11 +25,12 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Mapping
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from inference_pio.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    import torch
 
 LOOKAHEAD = 128
 """Within this many tokens of its budget's end, a constrained request measures what closing up would take."""
@@ -102,6 +104,7 @@ class Constraints:
     def mask(self, matchers: list[Any], device: torch.device) -> torch.Tensor:
         """Allowed tokens ``[len(matchers), vocab]`` (bool, on ``device``) for the next step of each matcher."""
         import llguidance.numpy
+        import torch
 
         words = (self.vocab + 31) // 32
         bits = llguidance.numpy.allocate_token_bitmask(len(matchers), self.vocab)
@@ -147,6 +150,8 @@ class Constraints:
 def apply_constraints(logits: torch.Tensor, rows: list[int], allowed: torch.Tensor, forced: list[int]) -> torch.Tensor:
     """``logits`` with disallowed tokens at ``-inf`` in ``rows``; a row with a forced token (``>= 0``, a
     closing token) keeps only that one."""
+    import torch
+
     out = logits.clone()
     index = torch.tensor(rows, device=logits.device)
     masked = logits[index].masked_fill(~allowed, float("-inf"))
