@@ -3,7 +3,6 @@ step's tokens, alone and with two requests sharing the step."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from inference_pio import PluginManager
+from inference_pio.testing.fast_path import assert_compiled_matches_eager
 from inference_pio_glm_4_7_flash import Glm47FlashPlugin
 
 REQUESTS: list[list[dict[str, Any]]] = [
@@ -35,20 +35,7 @@ def compiled(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 def test_compiled_decode_gives_the_eager_tokens_alone_and_batched(
     plugin: Glm47FlashPlugin, compiled: Glm47FlashPlugin
 ) -> None:
-    eager = [plugin.chat_completion(m, max_new_tokens=24).token_ids for m in REQUESTS]
-    alone = [compiled.chat_completion(m, max_new_tokens=24).token_ids for m in REQUESTS]
-    assert alone == eager
-    together: dict[int, tuple[int, ...]] = {}
-
-    def ask(i: int) -> None:
-        together[i] = compiled.chat_completion(REQUESTS[i], max_new_tokens=24).token_ids
-
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    assert [together[0], together[1]] == eager
+    assert_compiled_matches_eager(plugin, compiled, REQUESTS)
 
 
 def test_compiled_text_continuation_matches_transformers_generate(compiled: Glm47FlashPlugin) -> None:
