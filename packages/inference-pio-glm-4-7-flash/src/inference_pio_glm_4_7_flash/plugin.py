@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -12,6 +13,8 @@ from inference_pio.runtime.hf_plugin import HFTextPlugin
 from inference_pio_glm_4_7_flash.metadata import METADATA
 from inference_pio_glm_4_7_flash.parsers import Glm47ReasoningParser, Glm47ToolCallParser, split_reasoning
 from inference_pio_glm_4_7_flash.template import CHAT_TEMPLATE
+
+log = logging.getLogger("inference_pio.glm_4_7_flash")
 
 
 class Glm47FlashPlugin(HFTextPlugin):
@@ -26,6 +29,26 @@ class Glm47FlashPlugin(HFTextPlugin):
         clear_thinking: bool = True
         """Drop the reasoning of assistant turns before the last user message (the template's default);
         False keeps it in the prompt ("preserved thinking", for agents that send ``reasoning_content`` back)."""
+
+    def default_config(self) -> dict[str, Any]:
+        """``mla_absorb``: decode steps attend in MLA's latent space (see :mod:`.mla`); False keeps
+        transformers' attention, which re-expands the whole cache every step. Set it in the config file
+        (``[plugins.glm_4_7_flash] mla_absorb = false``), as ``INFERENCE_PIO_GLM_4_7_FLASH__MLA_ABSORB=0``
+        or as ``activate_plugin(..., mla_absorb=False)``."""
+        return {"mla_absorb": True}
+
+    def use_model(self, model: Any, *, mla_absorb: bool | None = None, **kwargs: Any) -> None:
+        """Install the absorbed MLA decode path on ``model`` (unless switched off), then attach it as usual;
+        ``mla_absorb=None`` takes the activation's setting (default on)."""
+        from inference_pio_glm_4_7_flash import mla
+
+        absorb = bool(self.settings.get("mla_absorb", True)) if mla_absorb is None else mla_absorb
+        if absorb:
+            count = mla.install_absorbed_mla(model)
+            log.info("%s: absorbed MLA decode in %d attention layer(s)", self.metadata.name, count)
+        else:
+            mla.uninstall_absorbed_mla(model)
+        super().use_model(model, **kwargs)
 
     def apply_template(
         self, messages: list[dict[str, Any]], options: Mapping[str, Any], tools: list[dict[str, Any]] | None = None
