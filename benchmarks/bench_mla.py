@@ -75,33 +75,49 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_times(model: Any, contexts: list[int], *, slots: int, compile: bool, reps: int) -> dict[int, float]:
-    """Median seconds of one decode step (all ``slots`` at ``context - 1``) for each context."""
-    engine = DecodeEngine(model, max_len=max(contexts), max_slots=slots, compile=compile)
-    engine.warm_up()
-    for slot in range(slots):
-        engine.prefill(slot, Prompt([1, 2, 3, 4]))  # allocates the cache
-    generator = torch.Generator(engine.device).manual_seed(0)
-    with torch.inference_mode():
-        for layer in engine.cache.layers:
-            layer.keys.normal_(generator=generator)
-            layer.values.normal_(generator=generator)
-    out: dict[int, float] = {}
-    active = list(range(slots))
-    for context in contexts:
-        times = []
-        for rep in range(reps + 1):  # the first step of each context is a warm-up
-            with torch.inference_mode():
-                engine.positions.fill_(context - 1)
-            engine.lengths = [context - 1] * slots
-            sync(engine.device)
-            start = time.perf_counter()
-            engine.decode_step(active)
-            sync(engine.device)
-            if rep:
-                times.append(time.perf_counter() - start)
-        out[context] = statistics.median(times)
-    engine.release()
+MODES = {"expanded": uninstall_absorbed_mla, "absorbed": install_absorbed_mla}
+
+
+def step_times(
+    model: Any, contexts: list[int], modes: list[str], *, slots: int, compile: bool, reps: int
+) -> dict[str, dict[int, float]]:
+    """Median seconds of one decode step (all ``slots`` at ``context - 1``) per mode and context.
+
+    Eager runs alternate the modes step by step on one engine, so load from other processes hits both
+    alike; compiled runs need one engine (one graph) per mode and measure the modes one after the other.
+    """
+    engine = None
+    out: dict[str, dict[int, float]] = {mode: {} for mode in modes}
+    for group in [modes] if not compile else [[mode] for mode in modes]:
+        MODES[group[0]](model)
+        engine = DecodeEngine(model, max_len=max(contexts), max_slots=slots, compile=compile)
+        engine.warm_up()
+        for slot in range(slots):
+            engine.prefill(slot, Prompt([1, 2, 3, 4]))  # allocates the cache
+        generator = torch.Generator(engine.device).manual_seed(0)
+        with torch.inference_mode():
+            for layer in engine.cache.layers:
+                layer.keys.normal_(generator=generator)
+                layer.values.normal_(generator=generator)
+        active = list(range(slots))
+        for context in contexts:
+            times: dict[str, list[float]] = {mode: [] for mode in group}
+            for rep in range(reps + 1):  # the first step of each context is a warm-up
+                for mode in group:
+                    MODES[mode](model)
+                    with torch.inference_mode():
+                        engine.positions.fill_(context - 1)
+                    engine.lengths = [context - 1] * slots
+                    sync(engine.device)
+                    start = time.perf_counter()
+                    engine.decode_step(active)
+                    sync(engine.device)
+                    if rep:
+                        times[mode].append(time.perf_counter() - start)
+            for mode in group:
+                out[mode][context] = statistics.median(times[mode])
+        engine.release()
+        torch._dynamo.reset()
     return out
 
 
@@ -169,14 +185,7 @@ def main() -> None:
     with device:
         model = Glm4MoeLiteForCausalLM._from_config(bench_config(args.layers, args.experts, args.vocab), dtype=dtype)
     model.eval()
-    results: dict[str, dict[int, float]] = {}
-    for mode in ("expanded", "absorbed"):
-        if mode == "absorbed":
-            install_absorbed_mla(model)
-        else:
-            uninstall_absorbed_mla(model)
-        results[mode] = step_times(model, contexts, slots=args.slots, compile=args.compile, reps=args.reps)
-        torch._dynamo.reset()
+    results = step_times(model, contexts, list(MODES), slots=args.slots, compile=args.compile, reps=args.reps)
 
     print(
         f"{machine(args.device)}; {dtype}; {args.layers} layers, {args.experts} experts, vocab {args.vocab}; "
