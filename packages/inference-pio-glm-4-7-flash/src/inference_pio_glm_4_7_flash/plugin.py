@@ -13,6 +13,7 @@ from inference_pio.runtime.hf_plugin import HFTextPlugin
 from inference_pio_glm_4_7_flash.metadata import METADATA
 from inference_pio_glm_4_7_flash.parsers import Glm47ReasoningParser, Glm47ToolCallParser, split_reasoning
 from inference_pio_glm_4_7_flash.template import CHAT_TEMPLATE
+from inference_pio_glm_4_7_flash.tool_grammar import tool_call_grammar
 
 log = logging.getLogger("inference_pio.glm_4_7_flash")
 
@@ -69,6 +70,11 @@ class Glm47FlashPlugin(HFTextPlugin):
 
     def tool_parser(self, tools: Sequence[Mapping[str, Any]]) -> ToolCallParser | None:
         return Glm47ToolCallParser(tools)
+
+    def tool_grammar(
+        self, tools: Sequence[Mapping[str, Any]], function: str | None, options: Mapping[str, Any]
+    ) -> str | None:
+        return tool_call_grammar(tools, function, close_thinking=bool(options.get("enable_thinking", True)))
 
     def reasoning_parser(self, options: Mapping[str, Any]) -> ReasoningParser | None:
         return Glm47ReasoningParser() if options.get("enable_thinking", True) else None

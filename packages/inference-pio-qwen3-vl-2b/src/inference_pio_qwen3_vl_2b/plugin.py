@@ -13,6 +13,7 @@ from inference_pio.runtime.hf_plugin import HFTextPlugin
 from inference_pio_qwen3_vl_2b.metadata import METADATA
 from inference_pio_qwen3_vl_2b.parsers import Qwen3VLToolCallParser
 from inference_pio_qwen3_vl_2b.template import CHAT_TEMPLATE
+from inference_pio_qwen3_vl_2b.tool_grammar import tool_call_grammar
 
 
 class Qwen3VL2BPlugin(HFTextPlugin):
@@ -72,6 +73,11 @@ class Qwen3VL2BPlugin(HFTextPlugin):
 
     def tool_parser(self, tools: Sequence[Mapping[str, Any]]) -> ToolCallParser | None:
         return Qwen3VLToolCallParser(tools)
+
+    def tool_grammar(
+        self, tools: Sequence[Mapping[str, Any]], function: str | None, options: Mapping[str, Any]
+    ) -> str | None:
+        return tool_call_grammar(tools, function)
 
     def prepare_chat(self, messages: Sequence[Message], options: dict[str, Any], tools: Any = None) -> Any:
         import torch

@@ -284,11 +284,29 @@ class HFTextPlugin(TextModelPluginInterface):
         tool_parser = self.tool_parser(tools.tools) if tools is not None else None
         if tools is not None and tool_parser is None:
             raise InvalidRequestError(f"{self.metadata.name} does not call tools; send no 'tools'", "tools")
+        if tools is not None and tools.choice != "auto" and params.get("grammar") is None:
+            params["grammar"] = self._tool_grammar(tools, options.model_dump())
         parsed = GenerationParams.parse(params)
         prompt = self.prepare_chat(messages, options.model_dump(), tools)
         return parse_stream(
             self.run(prompt, parsed), reasoning=self.reasoning_parser(options.model_dump()), tools=tool_parser
         )
+
+    def _tool_grammar(self, tools: Any, options: Mapping[str, Any]) -> str:
+        """The compiled grammar forcing calls for a ``ToolRequest`` with tool_choice "required" or a named function."""
+        from inference_pio.runtime.constraints import lark_grammar
+
+        text = self.tool_grammar(tools.tools, tools.function, options)
+        if text is None:
+            asked = "'required'" if tools.function is None else f"the named function {tools.function!r}"
+            raise InvalidRequestError(
+                f"{self.metadata.name} cannot force tool calls; send tool_choice 'auto' or 'none' instead of {asked}",
+                "tool_choice",
+            )
+        try:
+            return lark_grammar(text)
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(f"the tools cannot be enforced: {exc}", "tools") from exc
 
     def prepare_chat(self, messages: Sequence[Message], options: dict[str, Any], tools: Any = None) -> Any:
         """Turn messages (and a ``ToolRequest``) into a :class:`Prompt` with the chat template (text-only default)."""
