@@ -11,7 +11,9 @@ others optionally); a value whose schema says ``string`` is written raw (as the 
 :class:`~inference_pio_glm_4_7_flash.parsers.Glm47ToolCallParser` reads it: an ``enum``/``const``
 becomes its alternatives, anything else any text without ``</arg_value>`` or ``</tool_call>``), every
 other value is JSON following its schema (llguidance's ``%json``, with the template's ``tojson``
-separators). A function whose schema lists no properties but allows others takes free key/value pairs.
+separators). A function whose schema lists no properties but allows others takes free key/value pairs
+(a repeated key makes the call text, as the parser reads it). The tags are the tokenizer's added tokens
+(special to llguidance, written ``<arg_key>`` in the grammar), so no value can contain one.
 
 With thinking on, the generation prompt ends in ``<think>``; the grammar starts with ``</think>``, so
 a forced call skips the reasoning (free reasoning could not be brought to an end on a token budget).

@@ -10,7 +10,9 @@ their own format: one or more ::
 joined by a newline. The name is one of the offered functions (or the named one); the arguments
 follow the function's JSON schema, embedded with llguidance's ``%json`` and written with the
 separators of the template's ``tojson`` (``", "`` and ``": "``), so every output parses with
-:class:`~inference_pio_qwen3_vl_2b.parsers.Qwen3VLToolCallParser` into arguments that validate.
+:class:`~inference_pio_qwen3_vl_2b.parsers.Qwen3VLToolCallParser` into arguments that validate. The
+tags are the tokenizer's added tokens (llguidance treats those as special, written ``<tool_call>``
+in the grammar), so they are single tokens as in the prompt, and no argument text can contain one.
 """
 
 from __future__ import annotations
