@@ -32,6 +32,7 @@ import gc
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -400,18 +401,22 @@ def main() -> int:
     )
     check = Check(args)
     failed = False
-    for section in args.only or ["qwen", "glm", "glm_quantized"]:
-        if check.left() < 60:
-            RESULT[section] = "skipped: out of time budget"
-            log(f"{section}: skipped, out of time budget")
-            continue
-        try:
-            getattr(check, section)()
-        except Exception as exc:  # report and go on: one failing section must not hide the others
-            failed = True
-            RESULT[f"{section}_error"] = f"{type(exc).__name__}: {exc}"
-            traceback.print_exc()
-            check.free()
+    try:
+        for section in args.only or ["qwen", "glm", "glm_quantized"]:
+            if check.left() < 60:
+                RESULT[section] = "skipped: out of time budget"
+                log(f"{section}: skipped, out of time budget")
+                continue
+            try:
+                getattr(check, section)()
+            except Exception as exc:  # report and go on: one failing section must not hide the others
+                failed = True
+                RESULT[f"{section}_error"] = f"{type(exc).__name__}: {exc}"
+                traceback.print_exc()
+                check.free()
+    finally:
+        check.pm.shutdown()
+        shutil.rmtree(check.tmp, ignore_errors=True)  # full-size checkpoints are gigabytes
     RESULT["elapsed_s"] = time.perf_counter() - START
     print(f"\ninference-pio GPU check on {RESULT['machine']}, {args.size} size, {RESULT['elapsed_s']:.0f} s\n")
     print("| model | what | inference-pio | transformers |\n|---|---|---|---|")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from .conftest import ROOT
@@ -13,6 +14,7 @@ from .conftest import ROOT
 
 def test_gpu_check_runs_on_cpu_with_tiny_checkpoints(tmp_path: Path) -> None:
     out = tmp_path / "gpu_check.json"
+    before = set(Path(tempfile.gettempdir()).glob("inference-pio-gpu-check-*"))
     script = str(ROOT / "benchmarks" / "gpu_check.py")
     proc = subprocess.run(
         [sys.executable, script, "--device", "cpu", "--size", "tiny", "--json", str(out)],
@@ -31,3 +33,4 @@ def test_gpu_check_runs_on_cpu_with_tiny_checkpoints(tmp_path: Path) -> None:
     assert result["qwen_image_ttft_ms"]["ours"] > 0
     assert result["glm_quantized"].startswith("skipped")  # bitsandbytes loads on CUDA only
     assert "| model | what | inference-pio | transformers |" in proc.stdout
+    assert set(Path(tempfile.gettempdir()).glob("inference-pio-gpu-check-*")) == before  # checkpoints removed
