@@ -191,11 +191,13 @@ def test_absorbed_decode_matches_transformers_on_other_mla_variants(overrides: d
     assert (outputs[0] - outputs[1]).abs().max().item() < ATOL
 
 
-def test_quantized_kv_b_proj_keeps_the_expanded_path() -> None:
+@pytest.mark.parametrize("weight", ["int8", "meta"])
+def test_quantized_or_offloaded_kv_b_proj_keeps_the_expanded_path(weight: str) -> None:
     model = Glm4MoeLiteForCausalLM(small_config()).eval()
     attention = model.model.layers[0].self_attn
     shape = attention.kv_b_proj.weight.shape
-    attention.kv_b_proj.weight = torch.nn.Parameter(torch.zeros(shape, dtype=torch.int8), requires_grad=False)
+    replaced = torch.zeros(shape, dtype=torch.int8) if weight == "int8" else torch.empty(shape, device="meta")
+    attention.kv_b_proj.weight = torch.nn.Parameter(replaced, requires_grad=False)
     assert install_absorbed_mla(model) == 1
     assert type(attention) is Glm4MoeLiteAttention
     assert type(model.model.layers[1].self_attn) is AbsorbedMlaAttention

@@ -120,6 +120,10 @@ def _absorbable(module: Glm4MoeLiteAttention) -> str | None:
         return f"kv_b_proj holds {type(weight).__name__} weights of dtype {getattr(weight, 'dtype', None)} (quantized?)"
     if tuple(weight.shape) != expected:
         return f"kv_b_proj weight has shape {tuple(weight.shape)}, expected {expected} (packed or quantized?)"
+    if weight.is_meta:
+        return "kv_b_proj weight is not materialized (offloaded by a device map?)"
+    if "forward" in vars(module):
+        return "its forward is wrapped per instance (accelerate hooks of a multi-device map); a class swap misses it"
     return None
 
 
