@@ -190,3 +190,10 @@ def test_a_grammar_passed_by_the_caller_wins_over_tool_choice(wide: Qwen3VL2BPlu
     result = wide.chat_completion(MESSAGES, tools=[WEATHER], tool_choice="required", grammar=grammar)
     assert result.text in ("yes", "no")
     assert not result.tool_calls
+
+
+def test_a_schema_the_grammar_engine_refuses_is_a_tools_error(wide: Qwen3VL2BPlugin) -> None:
+    bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": 1}}}}
+    with pytest.raises(InvalidRequestError, match="the tools cannot be enforced") as caught:
+        wide.stream_chat(MESSAGES, tools=[bad], tool_choice="required")
+    assert caught.value.param == "tools"
