@@ -51,6 +51,7 @@ class Reply:
     endpoint: Endpoint
     model: str
     arrived: float
+    logprobs: bool = False  # the request asked for logprobs
     rid: str = field(init=False)
     created: int = field(default_factory=protocol.now)
 
@@ -83,7 +84,7 @@ async def serve(state: ServerState, request: Request, endpoint: Endpoint) -> Res
     # Further choices start when they run: an isolated plugin serves one stream at a time, so creating
     # them all up front would wait on the first forever.
     choices: list[Choice] = [lambda: first, *(functools.partial(make, i) for i in range(1, parsed.n))]
-    reply = Reply(state, endpoint, model, arrived)
+    reply = Reply(state, endpoint, model, arrived, logprobs="logprobs" in parsed.generation_params())
     if parsed.stream:
         include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
         return StreamingResponse(
@@ -103,7 +104,9 @@ async def whole_response(reply: Reply, choices: list[Choice]) -> Response:
         reply.count(str(error.status))
         return error.response()
     reply.state.metrics.ttft.labels(reply.model).observe(time.perf_counter() - reply.arrived)
-    body = protocol.completion_body(reply.endpoint.kind, reply.rid, reply.created, reply.model, results)
+    body = protocol.completion_body(
+        reply.endpoint.kind, reply.rid, reply.created, reply.model, results, logprobs=reply.logprobs
+    )
     reply.count_tokens(body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"])
     reply.count("200")
     return JSONResponse(body)
@@ -132,6 +135,25 @@ def _event(data: Any) -> bytes:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
+def _chunks(reply: Reply, index: int, item: StreamChunk, offsets: list[int]) -> Iterator[dict[str, Any]]:
+    """The stream events of one piece: chat sends its deltas, then the finish reason in a chunk of its own
+    (an empty delta), as OpenAI does; a completion chunk carries its text and finish reason together."""
+    logprobs = item.logprobs if reply.logprobs else None
+    if reply.endpoint.kind == "chat":
+        delta = protocol.chat_delta(item)
+        if delta or logprobs:
+            yield protocol.chat_chunk(reply.rid, reply.model, reply.created, index, delta, None, logprobs)
+        if item.finish_reason:
+            yield protocol.chat_chunk(reply.rid, reply.model, reply.created, index, {}, item.finish_reason)
+        return
+    if item.text or item.finish_reason or logprobs:
+        entries = protocol.completion_logprobs(logprobs, offsets[index]) if logprobs is not None else None
+        offsets[index] += sum(len(e.token) for e in logprobs or ())
+        yield protocol.completion_chunk(
+            reply.rid, reply.model, reply.created, index, item.text, item.finish_reason, entries
+        )
+
+
 async def stream_events(reply: Reply, choices: list[Choice], include_usage: bool) -> AsyncIterator[bytes]:
     """Server-sent events for every choice, merged as they arrive; ends with ``data: [DONE]``.
 
@@ -157,11 +179,13 @@ async def stream_events(reply: Reply, choices: list[Choice], include_usage: bool
     tasks = [asyncio.create_task(pump(i, c)) for i, c in enumerate(choices)]
     usage: list[tuple[int, int]] = [(0, 0)] * len(choices)
     last_time: list[float | None] = [None] * len(choices)
+    offsets = [0] * len(choices)  # characters streamed per choice (completions' text_offset)
     status, remaining, finished = "200", len(choices), False
     try:
         if kind == "chat":
             for i in range(len(choices)):
-                yield event(protocol.chunk(kind, reply.rid, model, reply.created, i, "", None, first=True))
+                first = {"role": "assistant", "content": ""}
+                yield event(protocol.chat_chunk(reply.rid, model, reply.created, i, first, None))
         while remaining:
             index, item = await queue.get()
             if item is None or isinstance(item, Exception):
@@ -172,16 +196,15 @@ async def stream_events(reply: Reply, choices: list[Choice], include_usage: bool
                     yield _event(error.body())
                 continue
             now = time.perf_counter()
-            if item.text:
+            if item.text or item.reasoning or item.tool_calls:
                 previous = last_time[index]
                 if previous is None:
                     metrics.ttft.labels(model).observe(now - reply.arrived)
                 else:
                     metrics.itl.labels(model).observe(now - previous)
                 last_time[index] = now
-            if item.text or item.finish_reason:
-                text = item.text if item.text else None
-                yield event(protocol.chunk(kind, reply.rid, model, reply.created, index, text, item.finish_reason))
+            for data in _chunks(reply, index, item, offsets):
+                yield event(data)
             if item.usage is not None:
                 usage[index] = (item.usage.prompt_tokens, item.usage.completion_tokens)
         prompt_tokens, completion_tokens = usage[0][0], sum(u[1] for u in usage)
