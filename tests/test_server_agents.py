@@ -54,8 +54,24 @@ TIME: dict[str, Any] = {
         },
     },
 }
-ARGUMENTS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+CALENDAR: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_date",
+        "parameters": {
+            "type": "object",
+            "properties": {"style": {"type": "string", "enum": ["iso", "us"]}},
+            "required": ["style"],
+            "additionalProperties": False,
+        },
+    },
+}
+ARGUMENTS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME, CALENDAR)}
 ASK: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
+ASK_TIME: Any = [{"role": "user", "content": "What time and day is it?"}]
+CLOCK: Any = [TIME, CALENDAR]
+"""Forced calls use tools whose arguments hold no free text: random weights would write a string until the
+token budget ends (closing an open call at the budget's end is the runtime's, not yet there)."""
 PERSON: dict[str, Any] = {
     "type": "object",
     "properties": {
@@ -191,6 +207,75 @@ def assert_valid_calls(calls: list[tuple[str, str]], offered: set[str]) -> None:
     for name, arguments in calls:
         assert name in offered
         jsonschema.validate(json.loads(arguments), ARGUMENTS[name])
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_agent_loop_forced_call_tool_result_answer_and_json_schema(
+    client: openai.OpenAI, checked: Checked, model: str
+) -> None:
+    """The issue's 'done when': a call forced by tool_choice="required" (whole and streamed), the tool's
+    result sent back, an answer; then a json_schema answer that validates."""
+    before = checked.bodies + checked.events
+    whole = client.chat.completions.create(
+        model=model, messages=ASK_TIME, tools=CLOCK, tool_choice="required", max_tokens=160
+    )
+    choice = whole.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    assert choice.message.tool_calls and choice.message.content is None
+    calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]  # type: ignore[union-attr]
+    assert_valid_calls(calls, {"get_time", "get_date"})
+
+    _, content, _, streamed, finish = stream_chat(
+        client, model=model, messages=ASK_TIME, tools=CLOCK, tool_choice="required", max_tokens=160
+    )
+    assert (finish, content) == ("tool_calls", "")
+    assert [(c["name"], c["arguments"]) for c in streamed.values()] == calls  # greedy: the same calls
+
+    history: Any = [
+        *ASK_TIME,
+        {"role": "assistant", "content": None, "tool_calls": [c.model_dump() for c in choice.message.tool_calls]},
+        *(
+            {"role": "tool", "tool_call_id": c.id, "content": json.dumps({"result": "12:00 UTC, 2026-11-28"})}
+            for c in choice.message.tool_calls
+        ),
+    ]
+    answer = client.chat.completions.create(model=model, messages=history, tools=CLOCK, max_tokens=12)
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert answer.usage is not None and whole.usage is not None
+    assert answer.usage.prompt_tokens > whole.usage.prompt_tokens  # the call and its result are in the prompt
+
+    person = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Describe a person as JSON"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}},
+        max_tokens=80,
+    )
+    jsonschema.validate(json.loads(person.choices[0].message.content or ""), PERSON)
+    assert checked.bodies + checked.events > before + 6  # every answer above went through the OpenAPI check
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_named_tool_choice_calls_that_function_and_forced_calls_equal_the_python_api(
+    client: openai.OpenAI, local: PluginManager, model: str
+) -> None:
+    """Also with ``parallel_tool_calls: false`` (what it drops is tested below: on these tools the tiny
+    models make one call)."""
+    named: Any = {"type": "function", "function": {"name": "get_date"}}
+    request: Any = {"model": model, "messages": ASK_TIME, "tools": CLOCK, "max_tokens": 200, "temperature": 1.0}
+    for seed in (1, 2):
+        forced = client.chat.completions.create(**request, tool_choice=named, seed=seed).choices[0].message
+        assert forced.tool_calls and {c.function.name for c in forced.tool_calls} == {"get_date"}  # type: ignore[union-attr]
+    ours = local.get_plugin(model).chat_completion(  # type: ignore[attr-defined]
+        ASK_TIME, tools=CLOCK, tool_choice="required", max_new_tokens=200, temperature=1.0, seed=3
+    )
+    for parallel in (True, False):
+        theirs = client.chat.completions.create(
+            **request, tool_choice="required", seed=3, parallel_tool_calls=parallel
+        ).choices[0]
+        assert theirs.finish_reason == ours.finish_reason == "tool_calls"
+        assert [(c.function.name, c.function.arguments) for c in theirs.message.tool_calls or ()] == [  # type: ignore[union-attr]
+            (c.name, c.arguments) for c in ours.tool_calls
+        ]
 
 
 @pytest.mark.parametrize("model", MODELS)
