@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -74,3 +75,30 @@ def validate_stream(schema: str, events: list[Any]) -> None:
     """Each event of a stream (``[DONE]`` excluded) against ``schema``; an error event against ``ErrorResponse``."""
     for event in events:
         validate("ErrorResponse" if "error" in event else schema, event)
+
+
+class Checked:
+    """Validates each generation response against the OpenAPI document; counts what it checked."""
+
+    def __init__(self) -> None:
+        self.bodies = 0
+        self.events = 0
+
+    def __call__(self, response: Any) -> None:  # the openai client's httpx Response
+        path = response.request.url.path
+        if not path.endswith(("/chat/completions", "/completions")):
+            return
+        chat = path.endswith("/chat/completions")
+        response.read()  # the client then reads the buffered body, streamed or not
+        if response.headers.get("content-type", "").startswith("text/event-stream"):
+            lines = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+            assert lines[-1] == "[DONE]", lines[-3:]
+            events = [json.loads(line) for line in lines[:-1]]
+            validate_stream("CreateChatCompletionStreamResponse" if chat else "CreateCompletionStreamResponse", events)
+            self.events += len(events)
+        elif response.status_code == 200:
+            validate("CreateChatCompletionResponse" if chat else "CreateCompletionResponse", response.json())
+            self.bodies += 1
+        else:
+            validate("ErrorResponse", response.json())
+            self.bodies += 1

@@ -21,9 +21,11 @@ from inference_pio import PluginManager
 from inference_pio_glm_4_7_flash.testing import make_tiny_checkpoint as make_glm
 from inference_pio_qwen3_vl_2b.testing import make_tiny_checkpoint as make_qwen
 
+from .openai_schema import Checked
 from .server_harness import ServerProcess, write_config
 
 KEY = "test-key-123"
+CHECKED = Checked()
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,9 @@ def server(checkpoints: tuple[Path, Path], tmp_path_factory: pytest.TempPathFact
 
 @pytest.fixture(scope="module")
 def client(server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+    """The official client, through a hook that checks each answer against OpenAI's OpenAPI document."""
+    http = openai.DefaultHttpxClient(event_hooks={"response": [CHECKED]}, timeout=120)
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, http_client=http)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +81,9 @@ def post(
     if key:
         h["authorization"] = f"Bearer {key}"
     content = raw if raw is not None else json.dumps(body).encode()
-    return httpx.post(f"{server.url}{path}", content=content, headers=h, timeout=60)
+    response = httpx.post(f"{server.url}{path}", content=content, headers=h, timeout=60)
+    CHECKED(response)
+    return response
 
 
 def test_models_are_listed(client: openai.OpenAI) -> None:
@@ -109,6 +115,7 @@ def test_chat_matches_the_plugin_and_counts_usage_the_same(
 
 def test_streaming_chat_with_usage(client: openai.OpenAI, local: PluginManager) -> None:
     messages = [{"role": "user", "content": "Stream to me"}]
+    checked_before = CHECKED.events
     stream = client.chat.completions.create(
         model="glm_4_7_flash", messages=messages, max_tokens=15, stream=True, stream_options={"include_usage": True}
     )
@@ -119,6 +126,7 @@ def test_streaming_chat_with_usage(client: openai.OpenAI, local: PluginManager) 
             finish = event.choices[0].finish_reason or finish
         if event.usage is not None:
             usage = event.usage
+    assert CHECKED.events > checked_before  # each event was checked against OpenAI's API description
     ours = local.get_plugin("glm_4_7_flash").chat_completion(messages, max_new_tokens=15)  # type: ignore[attr-defined]
     assert text == ours.text
     assert finish == ours.finish_reason

@@ -25,7 +25,7 @@ from inference_pio.server.serving_chat import OneCallOnly
 from inference_pio_glm_4_7_flash.testing import make_tiny_checkpoint as make_glm
 from inference_pio_qwen3_vl_2b.testing import make_tiny_checkpoint as make_qwen
 
-from .openai_schema import validate, validate_stream
+from .openai_schema import Checked, validate
 from .server_harness import ServerProcess
 
 MODELS = ["qwen3_vl_2b", "glm_4_7_flash"]
@@ -82,33 +82,6 @@ PERSON: dict[str, Any] = {
     "required": ["name", "age"],
     "additionalProperties": False,
 }
-
-
-class Checked:
-    """Validates each generation response against the OpenAPI document; counts what it checked."""
-
-    def __init__(self) -> None:
-        self.bodies = 0
-        self.events = 0
-
-    def __call__(self, response: Any) -> None:  # the openai client's httpx Response
-        path = response.request.url.path
-        if not path.endswith(("/chat/completions", "/completions")):
-            return
-        chat = path.endswith("/chat/completions")
-        response.read()  # the client then reads the buffered body, streamed or not
-        if response.headers.get("content-type", "").startswith("text/event-stream"):
-            lines = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
-            assert lines[-1] == "[DONE]", lines[-3:]
-            events = [json.loads(line) for line in lines[:-1]]
-            validate_stream("CreateChatCompletionStreamResponse" if chat else "CreateCompletionStreamResponse", events)
-            self.events += len(events)
-        elif response.status_code == 200:
-            validate("CreateChatCompletionResponse" if chat else "CreateCompletionResponse", response.json())
-            self.bodies += 1
-        else:
-            validate("ErrorResponse", response.json())
-            self.bodies += 1
 
 
 @pytest.fixture(scope="module")
