@@ -9,6 +9,8 @@ reference for what the answers must be (greedy decoding: equal, token for token)
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -485,3 +487,17 @@ def test_parallel_tool_calls_false_passes_only_the_first_call_on_and_closes_the_
     unstarted = _Pieces(pieces)
     OneCallOnly(unstarted).close()  # a client gone before the first piece still frees the decode slot
     assert unstarted.closed
+
+
+def test_building_a_response_format_grammar_imports_no_torch() -> None:
+    """The server builds grammars itself and must stay torch-free (lint-imports allows it this one import)."""
+    code = (
+        "import sys\n"
+        "from inference_pio.server.protocol import ResponseFormat\n"
+        "fmt = ResponseFormat.model_validate({'type': 'json_schema', 'json_schema': {'name': 'p', 'schema': {}}})\n"
+        "assert fmt.grammar()\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]"

@@ -127,15 +127,16 @@ class ResponseFormat(BaseModel):
                 "response_format type 'json_schema' needs a 'json_schema' object", "response_format.json_schema"
             )
         schema = self.json_schema.schema_ if self.json_schema is not None and self.type == "json_schema" else None
+        from inference_pio.runtime.constraints import json_schema_grammar  # torch-free
+
         try:
-            from inference_pio.runtime.constraints import json_schema_grammar
-        except ImportError as exc:
+            return json_schema_grammar(schema)  # None: any JSON object
+        except ImportError as exc:  # llguidance comes with the runtime extra
             raise InvalidRequestError(
                 f"response_format {self.type!r} needs constrained decoding, which this installation lacks ({exc}); "
                 "install inference-pio-core[runtime]",
                 "response_format",
             ) from exc
-        return json_schema_grammar(schema)  # None: any JSON object
 
 
 class ChatCompletionRequest(GenerationRequest):
