@@ -36,7 +36,9 @@ LOOKAHEAD = 128
 """Within this many tokens of its budget's end, a constrained request measures what closing up would take."""
 MARGIN = 8
 """...and starts closing when its remaining budget is that length plus this margin."""
-_CLOSERS = ('"}', '"]', "}", "]", '"', "0", "null", "true", "[]", "{}", '""', ",")
+_CLOSERS = ('"}', '"]', "}", "]", '"', "0", "null", "true", "[]", "{}", '""', ",", "\n", " ")
+"""Closing tokens of JSON (and the whitespace formats put between tags); the tokenizer's added tokens
+(tags) and end-of-sequence join them."""
 
 
 def json_schema_grammar(schema: Mapping[str, Any] | None) -> str:
@@ -86,10 +88,15 @@ class Constraints:
                 self._tokenizer = llguidance.hf.from_tokenizer(
                     self._hf_tokenizer, n_vocab=self.vocab, eos_token=self._eos or None
                 )
+                closers = list(self._eos)  # a complete answer ends rather than going on
                 for text in _CLOSERS:
                     ids = self._hf_tokenizer.encode(text, add_special_tokens=False)
                     if len(ids) == 1:
-                        self._closers.append(int(ids[0]))
+                        closers.append(int(ids[0]))
+                # Added tokens close the tags of tool-call formats (</arg_value>, </tool_call>); grammars allow
+                # them only where they name them, so trying them all is cheap.
+                closers += sorted(int(i) for i in self._hf_tokenizer.get_added_vocab().values() if i < self.vocab)
+                self._closers = list(dict.fromkeys(closers))
             return self._tokenizer
 
     def matcher(self, grammar: str) -> Any:
@@ -116,8 +123,13 @@ class Constraints:
         return allowed[:, : self.vocab]
 
     def best_closer(self, matcher: Any) -> int:
-        """The allowed closing token that leads to the most constrained state: the grammar accepting, else the
-        fewest allowed next tokens (structure, not free text); -1 when no closing token is allowed."""
+        """The allowed closing token that leads to the most constrained state: the grammar accepting (an
+        accepting grammar takes end-of-sequence), else the fewest allowed next tokens (structure, not free
+        text), else what the grammar forces; -1 when nothing fits."""
+        self._ll_tokenizer()  # the closing tokens are found with the tokenizer
+        return self._best_closer(matcher)
+
+    def _best_closer(self, matcher: Any) -> int:
         best, best_score = -1, float("inf")
         for token in self._closers:
             if matcher.try_consume_tokens([token]) != 1:
@@ -129,9 +141,9 @@ class Constraints:
             matcher.rollback(1)
             if score < best_score:
                 best, best_score = token, score
-        if best < 0:  # no closing token fits here (e.g. before a required key): take what the grammar forces
-            forced = matcher.compute_ff_tokens()
-            best = int(forced[0]) if forced else -1
+        if best < 0:  # no closing token fits (a required key, a bounded number): what the grammar forces,
+            forced = matcher.compute_ff_tokens()  # else the first token it allows
+            best = int(forced[0]) if forced else _first_allowed(matcher.compute_bitmask())
         return best
 
     def closing_length(self, matcher: Any, limit: int = LOOKAHEAD) -> int:
@@ -141,10 +153,16 @@ class Constraints:
         for steps in range(limit):
             if probe.is_accepting() or probe.is_stopped():
                 return steps
-            token = self.best_closer(probe)
+            token = self._best_closer(probe)
             if token < 0 or not probe.consume_token(token):
                 return limit
         return limit
+
+
+def _first_allowed(bitmask: bytes) -> int:
+    """The lowest token id set in an llguidance bitmask, -1 if none is."""
+    value = int.from_bytes(bitmask, "little")
+    return (value & -value).bit_length() - 1 if value else -1
 
 
 def apply_constraints(logits: torch.Tensor, rows: list[int], allowed: torch.Tensor, forced: list[int]) -> torch.Tensor:

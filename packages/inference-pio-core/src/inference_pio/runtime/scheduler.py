@@ -49,6 +49,7 @@ class Sequence:
     generated: int = 0
     matcher: Any = None  # llguidance matcher of a constrained request
     closing_length: int = 0  # tokens its grammar needs to close up, measured near the end of the budget
+    closing: bool = False  # closing up (until it finishes)
     logprobs: list[tuple[int, float, tuple[tuple[int, float], ...]]] = field(default_factory=list)
     """(token, its log-probability, the best alternatives) per new token, when ``params.logprobs`` is set."""
 
@@ -266,10 +267,11 @@ class Scheduler:
         for j in rows:
             sequence = batch[j]
             left = sequence.params.max_new_tokens - sequence.generated
-            if left <= LOOKAHEAD and (sequence.closing_length == 0 or left % 4 == 0):
-                sequence.closing_length = self.constraints.closing_length(sequence.matcher)
-            closing = left <= LOOKAHEAD and left <= sequence.closing_length + MARGIN
-            forced.append(self.constraints.best_closer(sequence.matcher) if closing else -1)
+            if not sequence.closing and left <= LOOKAHEAD:
+                if sequence.closing_length == 0 or left % 4 == 0:
+                    sequence.closing_length = self.constraints.closing_length(sequence.matcher)
+                sequence.closing = left <= sequence.closing_length + MARGIN
+            forced.append(self.constraints.best_closer(sequence.matcher) if sequence.closing else -1)
         return apply_constraints(logits, rows, allowed, forced)
 
     def _postprocess(self, batch: list[Sequence], tokens: list[int]) -> None:
