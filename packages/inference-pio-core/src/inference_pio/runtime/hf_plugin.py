@@ -182,9 +182,9 @@ class HFTextPlugin(TextModelPluginInterface):
         progress = logging.getLogger("inference_pio.progress")  # shown by the CLI without --verbose
         self.engine.warm_up(lambda line: progress.info("%s: %s", self.metadata.name, line))
         if max_queue is None:
-            from inference_pio.common.config_manager import BuiltinConfig
+            from inference_pio.common.config_manager import DEFAULT_MAX_QUEUE
 
-            max_queue = int(BuiltinConfig.model_fields["max_queue"].default)
+            max_queue = DEFAULT_MAX_QUEUE
         constraints = None
         if self.tokenizer is not None:
             from inference_pio.runtime.constraints import Constraints
