@@ -24,7 +24,7 @@ from .server_harness import ServerProcess
 
 MODEL = "glm_4_7_flash"
 EXAMPLES = {"POST": 30, "GET": 8}  # per operation and generation mode
-TIME_BUDGET = 60.0  # seconds for the whole session; examples past it are skipped (and counted)
+TIME_BUDGET = 150.0  # seconds for the whole session (about 40 on an idle 2-core machine); examples past it are skipped
 
 
 @pytest.fixture(scope="module")
