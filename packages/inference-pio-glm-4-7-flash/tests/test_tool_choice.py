@@ -205,3 +205,36 @@ def test_a_grammar_passed_by_the_caller_wins_over_tool_choice(wide: Glm47FlashPl
     result = wide.chat_completion(MESSAGES, grammar=grammar, **params)
     assert result.text in ("yes", "no")
     assert not result.tool_calls
+
+
+def test_raw_string_values_keep_their_length_and_pattern(wide: Glm47FlashPlugin) -> None:
+    """A string argument is written raw, so its schema's minLength, maxLength and pattern are kept by the
+    grammar itself (JSON values get them from the embedded schema)."""
+    post = {
+        "type": "function",
+        "function": {
+            "name": "post",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+                    "path": {"type": "string", "pattern": "/a/b"},
+                    "note": {"type": "string", "minLength": 2, "maxLength": 4},
+                },
+                "required": ["zip", "path", "note"],
+            },
+        },
+    }
+    tokenizer = llguidance.hf.from_tokenizer(wide.tokenizer, n_vocab=len(wide.tokenizer))
+    grammar = lark_grammar(tool_call_grammar([post], close_thinking=False))
+
+    def accepts(zip_code: str, note: str) -> bool:
+        pairs = {"zip": zip_code, "path": "/a/b", "note": note}
+        text = "".join(f"<arg_key>{k}</arg_key><arg_value>{v}</arg_value>" for k, v in pairs.items())
+        matcher = llguidance.LLMatcher(tokenizer, grammar)
+        ids = wide.tokenizer.encode(f"<tool_call>post{text}</tool_call>", add_special_tokens=False)
+        return bool(matcher.consume_tokens(ids) and matcher.is_accepting())
+
+    assert accepts("75001", "ok") and accepts("75001", "four")
+    assert not accepts("7500", "ok") and not accepts("75001x", "ok")
+    assert not accepts("75001", "x") and not accepts("75001", "fives")

@@ -9,7 +9,8 @@ separator::
 Keys come from the function schema's ``properties``, in their order (required ones always, the
 others optionally); a value whose schema says ``string`` is written raw (as the template does and
 :class:`~inference_pio_glm_4_7_flash.parsers.Glm47ToolCallParser` reads it: an ``enum``/``const``
-becomes its alternatives, anything else any text without ``</arg_value>`` or ``</tool_call>``), every
+becomes its alternatives, anything else any text without ``</arg_value>`` or ``</tool_call>``, within
+``minLength``/``maxLength`` and matching ``pattern`` whole), every
 other value is JSON following its schema (llguidance's ``%json``, with the template's ``tojson``
 separators). A function whose schema lists no properties but allows others takes free key/value pairs
 (a repeated key makes the call text, as the parser reads it). The tags are the tokenizer's added tokens
@@ -43,14 +44,24 @@ def _is_string(schema: Mapping[str, Any]) -> bool:
     return kind == "string" or (isinstance(kind, list) and "string" in kind)
 
 
-def _value(schema: Mapping[str, Any]) -> str:
-    """The grammar of one argument value (between ``<arg_value>`` and ``</arg_value>``)."""
-    if _is_string(schema):
-        options = schema.get("enum", [schema["const"]] if "const" in schema else None)
-        if isinstance(options, list) and options and all(isinstance(o, str) for o in options):
-            return "(" + " | ".join(_literal(o) for o in options) + ")"
-        return "RAW"
-    return "%json " + json.dumps({**schema, "x-guidance": JSON_LAYOUT}, ensure_ascii=False)
+def _value(schema: Mapping[str, Any], name: str) -> tuple[str, list[str]]:
+    """The grammar of one argument value (between ``<arg_value>`` and ``</arg_value>``) and the terminal it
+    defines (``name``) when a string has a length or a pattern."""
+    if not _is_string(schema):
+        return "%json " + json.dumps({**schema, "x-guidance": JSON_LAYOUT}, ensure_ascii=False), []
+    options = schema.get("enum", [schema["const"]] if "const" in schema else None)
+    if isinstance(options, list) and options and all(isinstance(o, str) for o in options):
+        return "(" + " | ".join(_literal(o) for o in options) + ")", []
+    limits = []
+    low, high = schema.get("minLength"), schema.get("maxLength")
+    if isinstance(low, int) or isinstance(high, int):
+        limits.append(f"/(?s:.){{{low if isinstance(low, int) else 0},{high if isinstance(high, int) else ''}}}/")
+    pattern = schema.get("pattern")
+    if isinstance(pattern, str):  # matched whole: a subset of what the (unanchored) JSON-schema pattern allows
+        limits.append("/" + pattern.removeprefix("^").removesuffix("$").replace("/", "\\/") + "/")
+    if not limits:
+        return "RAW", []
+    return name, [f"{name}: " + " & ".join(["RAW", *limits])]
 
 
 def tool_call_grammar(
@@ -74,7 +85,8 @@ def tool_call_grammar(
         args: list[str] = []
         for j, (key, schema) in enumerate(props.items()):
             schema = schema if isinstance(schema, Mapping) else {}
-            value = _value(schema)
+            value, terminals = _value(schema, f"STR_{i}_{j}")
+            rules += terminals
             args.append(f"arg_{i}_{j}: <arg_key> {_literal(str(key))} </arg_key> <arg_value> {value} </arg_value>")
             pairs.append(f"arg_{i}_{j}" + ("" if key in required else "?"))
         if not props and params.get("additionalProperties", True) is not False:

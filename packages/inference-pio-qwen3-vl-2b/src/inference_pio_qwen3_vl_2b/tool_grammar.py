@@ -26,13 +26,12 @@ JSON_LAYOUT = {"whitespace_flexible": False, "key_separator": ": ", "item_separa
 
 
 def arguments_schema(function: Mapping[str, Any]) -> dict[str, Any]:
-    """The schema of one function's arguments, always an object (no ``parameters``: no arguments)."""
+    """The schema of one function's arguments, always an object (no ``parameters``: no arguments), as the
+    parser takes nothing else."""
     params = function.get("parameters")
     if not isinstance(params, Mapping):
         return {"type": "object", "properties": {}, "additionalProperties": False}
-    schema = dict(params)
-    schema.setdefault("type", "object")
-    return schema
+    return {**params, "type": "object"}
 
 
 def tool_call_grammar(tools: Sequence[Mapping[str, Any]], function: str | None = None) -> str:
