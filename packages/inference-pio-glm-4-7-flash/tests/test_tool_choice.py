@@ -169,6 +169,7 @@ def test_the_grammar_accepts_what_the_template_writes(wide: Glm47FlashPlugin) ->
     assert not accepts(tool_call_grammar(tools, close_thinking=False), answer)
     assert not accepts(tool_call_grammar(tools, "search"), answer)  # named: that function only
     assert not accepts(tool_call_grammar([WEATHER, SEARCH]), answer)  # an unoffered function
+    assert not accepts(tool_call_grammar(tools, parallel=False), answer)  # three calls, one allowed
 
 
 def test_a_plugin_without_a_tool_grammar_refuses_forced_calls(
@@ -220,3 +221,15 @@ def test_raw_string_values_keep_their_length_and_pattern(wide: Glm47FlashPlugin)
     assert accepts("75001", "ok") and accepts("75001", "four")
     assert not accepts("7500", "ok") and not accepts("75001x", "ok")
     assert not accepts("75001", "x") and not accepts("75001", "fives")
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_without_parallel_calls_exactly_one_call_comes_back(wide: Glm47FlashPlugin, seed: int) -> None:
+    params: dict[str, Any] = {"tools": [WEATHER, SEARCH], "tool_choice": "required", "max_new_tokens": 160}
+    result = wide.chat_completion(MESSAGES, parallel_tool_calls=False, temperature=1.0, seed=seed, **params)
+    assert result.finish_reason == "tool_calls"
+    assert len(result.tool_calls) == 1
+    check_calls(result.tool_calls, [WEATHER, SEARCH], "required")
+    with pytest.raises(InvalidRequestError) as caught:
+        wide.stream_chat(MESSAGES, parallel_tool_calls="no", **params)
+    assert caught.value.param == "parallel_tool_calls"

@@ -155,6 +155,7 @@ def test_the_grammar_accepts_what_the_template_writes(wide: Qwen3VL2BPlugin) -> 
     assert accepts(tool_call_grammar([WEATHER, SEARCH]))
     assert not accepts(tool_call_grammar([WEATHER, SEARCH], "search"))  # named: that function only
     assert not accepts(tool_call_grammar([WEATHER]))  # an unoffered function
+    assert not accepts(tool_call_grammar([WEATHER, SEARCH], parallel=False))  # two calls, one allowed
 
 
 def test_a_plugin_without_a_tool_grammar_refuses_forced_calls(
@@ -179,3 +180,15 @@ def test_a_schema_the_grammar_engine_refuses_is_a_tools_error(wide: Qwen3VL2BPlu
     with pytest.raises(InvalidRequestError, match="the tools cannot be enforced") as caught:
         wide.stream_chat(MESSAGES, tools=[bad], tool_choice="required")
     assert caught.value.param == "tools"
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_without_parallel_calls_exactly_one_call_comes_back(wide: Qwen3VL2BPlugin, seed: int) -> None:
+    params: dict[str, Any] = {"tools": [WEATHER, SEARCH], "tool_choice": "required", "max_new_tokens": 160}
+    result = wide.chat_completion(MESSAGES, parallel_tool_calls=False, temperature=1.0, seed=seed, **params)
+    assert result.finish_reason == "tool_calls"
+    assert len(result.tool_calls) == 1
+    check_calls(result.tool_calls, [WEATHER, SEARCH], "required")
+    with pytest.raises(InvalidRequestError) as caught:
+        wide.stream_chat(MESSAGES, parallel_tool_calls="no", **params)
+    assert caught.value.param == "parallel_tool_calls"

@@ -72,9 +72,15 @@ class Glm47FlashPlugin(HFTextPlugin):
         return Glm47ToolCallParser(tools)
 
     def tool_grammar(
-        self, tools: Sequence[Mapping[str, Any]], function: str | None, options: Mapping[str, Any]
+        self,
+        tools: Sequence[Mapping[str, Any]],
+        function: str | None,
+        options: Mapping[str, Any],
+        parallel: bool = True,
     ) -> str | None:
-        return tool_call_grammar(tools, function, close_thinking=bool(options.get("enable_thinking", True)))
+        return tool_call_grammar(
+            tools, function, parallel=parallel, close_thinking=bool(options.get("enable_thinking", True))
+        )
 
     def reasoning_parser(self, options: Mapping[str, Any]) -> ReasoningParser | None:
         return Glm47ReasoningParser() if options.get("enable_thinking", True) else None

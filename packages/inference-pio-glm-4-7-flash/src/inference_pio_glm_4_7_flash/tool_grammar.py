@@ -65,11 +65,15 @@ def _value(schema: Mapping[str, Any], name: str) -> tuple[str, list[str]]:
 
 
 def tool_call_grammar(
-    tools: Sequence[Mapping[str, Any]], function: str | None = None, *, close_thinking: bool = True
+    tools: Sequence[Mapping[str, Any]],
+    function: str | None = None,
+    *,
+    parallel: bool = True,
+    close_thinking: bool = True,
 ) -> str:
-    """Lark (llguidance's dialect) for one or more calls of ``tools`` (OpenAI tool objects), or of exactly
-    ``function`` when it is given (a named ``tool_choice``). ``close_thinking``: the generation prompt
-    left ``<think>`` open (thinking on), so the output starts with ``</think>``."""
+    """Lark (llguidance's dialect) for one or more calls (exactly one unless ``parallel``) of ``tools`` (OpenAI
+    tool objects), or of exactly ``function`` when it is given (a named ``tool_choice``). ``close_thinking``:
+    the generation prompt left ``<think>`` open (thinking on), so the output starts with ``</think>``."""
     functions = [t["function"] for t in tools if function is None or t["function"]["name"] == function]
     if not functions:
         raise ValueError(f"no offered tool is named {function!r}")
@@ -94,4 +98,12 @@ def tool_call_grammar(
         rules += [f"fn_{i}: {' '.join([_literal(str(fn['name'])), *pairs])}", *args]
     choice = " | ".join(f"fn_{i}" for i in range(len(functions)))
     head = "</think> " if close_thinking else ""
-    return "\n".join([f"start: {head}call+", f"call: <tool_call> ({choice}) </tool_call>", *rules, _RAW, _KEY])
+    return "\n".join(
+        [
+            f"start: {head}call{'+' if parallel else ''}",
+            f"call: <tool_call> ({choice}) </tool_call>",
+            *rules,
+            _RAW,
+            _KEY,
+        ]
+    )

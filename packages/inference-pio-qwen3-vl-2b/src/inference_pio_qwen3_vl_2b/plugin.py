@@ -75,9 +75,13 @@ class Qwen3VL2BPlugin(HFTextPlugin):
         return Qwen3VLToolCallParser(tools)
 
     def tool_grammar(
-        self, tools: Sequence[Mapping[str, Any]], function: str | None, options: Mapping[str, Any]
+        self,
+        tools: Sequence[Mapping[str, Any]],
+        function: str | None,
+        options: Mapping[str, Any],
+        parallel: bool = True,
     ) -> str | None:
-        return tool_call_grammar(tools, function)
+        return tool_call_grammar(tools, function, parallel=parallel)
 
     def prepare_chat(self, messages: Sequence[Message], options: dict[str, Any], tools: Any = None) -> Any:
         import torch

@@ -34,9 +34,9 @@ def arguments_schema(function: Mapping[str, Any]) -> dict[str, Any]:
     return {**params, "type": "object"}
 
 
-def tool_call_grammar(tools: Sequence[Mapping[str, Any]], function: str | None = None) -> str:
-    """Lark (llguidance's dialect) for one or more calls of ``tools`` (OpenAI tool objects), or of exactly
-    ``function`` when it is given (a named ``tool_choice``)."""
+def tool_call_grammar(tools: Sequence[Mapping[str, Any]], function: str | None = None, *, parallel: bool = True) -> str:
+    """Lark (llguidance's dialect) for one or more calls (exactly one unless ``parallel``) of ``tools`` (OpenAI
+    tool objects), or of exactly ``function`` when it is given (a named ``tool_choice``)."""
     functions = [t["function"] for t in tools if function is None or t["function"]["name"] == function]
     if not functions:
         raise ValueError(f"no offered tool is named {function!r}")
@@ -48,7 +48,7 @@ def tool_call_grammar(tools: Sequence[Mapping[str, Any]], function: str | None =
     choice = " | ".join(f"fn_{i}" for i in range(len(functions)))
     return "\n".join(
         [
-            'start: call ("\\n" call)*',
+            'start: call ("\\n" call)*' if parallel else "start: call",
             'call: <tool_call> "\\n{\\"name\\": " function "}\\n" </tool_call>',
             f"function: {choice}",
             *rules,

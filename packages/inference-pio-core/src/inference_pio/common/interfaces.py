@@ -168,13 +168,17 @@ class TextModelPluginInterface(ModelPluginInterface):
         return None
 
     def tool_grammar(
-        self, tools: Sequence[Mapping[str, Any]], function: str | None, options: Mapping[str, Any]
+        self,
+        tools: Sequence[Mapping[str, Any]],
+        function: str | None,
+        options: Mapping[str, Any],
+        parallel: bool = True,
     ) -> str | None:
-        """The Lark grammar (llguidance's dialect, ``%json`` for schemas) of one or more calls in this model's
-        format, what ``tool_choice="required"`` (``function`` None: any of ``tools``) or a named function
-        (``function``) enforce by constrained decoding; it includes whatever the generation prompt for chat
-        ``options`` leaves open (an unclosed reasoning block). None (the default): the model cannot force
-        calls, and such requests are refused."""
+        """The Lark grammar (llguidance's dialect, ``%json`` for schemas) of one or more calls (exactly one when
+        not ``parallel``) in this model's format, what ``tool_choice="required"`` (``function`` None: any of
+        ``tools``) or a named function (``function``) enforce by constrained decoding; it includes whatever the
+        generation prompt for chat ``options`` leaves open (an unclosed reasoning block). None (the default):
+        the model cannot force calls, and such requests are refused."""
         return None
 
     def reasoning_parser(self, options: Mapping[str, Any]) -> ReasoningParser | None:

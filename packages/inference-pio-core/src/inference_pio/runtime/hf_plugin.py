@@ -284,19 +284,25 @@ class HFTextPlugin(TextModelPluginInterface):
         tool_parser = self.tool_parser(tools.tools) if tools is not None else None
         if tools is not None and tool_parser is None:
             raise InvalidRequestError(f"{self.metadata.name} does not call tools; send no 'tools'", "tools")
+        parallel = params.pop("parallel_tool_calls", None)
+        if parallel is not None and not isinstance(parallel, bool):
+            raise InvalidRequestError(
+                f"parallel_tool_calls must be true or false, got {parallel!r}", "parallel_tool_calls"
+            )
         if tools is not None and tools.choice != "auto" and params.get("grammar") is None:
-            params["grammar"] = self._tool_grammar(tools, options.model_dump())
+            params["grammar"] = self._tool_grammar(tools, options.model_dump(), parallel is not False)
         parsed = GenerationParams.parse(params)
         prompt = self.prepare_chat(messages, options.model_dump(), tools)
         return parse_stream(
             self.run(prompt, parsed), reasoning=self.reasoning_parser(options.model_dump()), tools=tool_parser
         )
 
-    def _tool_grammar(self, tools: Any, options: Mapping[str, Any]) -> str:
-        """The compiled grammar forcing calls for a ``ToolRequest`` with tool_choice "required" or a named function."""
+    def _tool_grammar(self, tools: Any, options: Mapping[str, Any], parallel: bool) -> str:
+        """The compiled grammar forcing calls for a ``ToolRequest`` with tool_choice "required" or a named function
+        (``parallel_tool_calls=False``: exactly one call)."""
         from inference_pio.runtime.constraints import lark_grammar
 
-        text = self.tool_grammar(tools.tools, tools.function, options)
+        text = self.tool_grammar(tools.tools, tools.function, options, parallel)
         if text is None:
             asked = "'required'" if tools.function is None else f"the named function {tools.function!r}"
             raise InvalidRequestError(
