@@ -48,13 +48,18 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 def served_document(url: str) -> dict[str, Any]:
     """The server's OpenAPI document, with ``max_tokens`` narrowed to fit the short context, so that valid
-    requests reach generation instead of a context-length 400 (negative cases still send larger ones)."""
+    requests reach generation instead of a context-length 400 (negative cases still send larger ones), and
+    without the parameters that valid requests of this short-context server cannot combine freely."""
     doc: dict[str, Any] = httpx.get(f"{url}/openapi.json", timeout=10).json()
     for name in ("ChatCompletionRequest", "CompletionRequest"):
         body = doc["components"]["schemas"][name]
         assert body["properties"]["model"]["enum"] == [MODEL]  # the document names what this server serves
         body["properties"]["max_tokens"] = {"type": "integer", "minimum": 1, "maximum": 24}
         body["required"].append("max_tokens")
+    # Offered tools put their system prompt in the context (always past 64 tokens: a 400), and top_logprobs
+    # needs logprobs: true; generated freely, they would turn most valid requests into 400s.
+    for name in ("tools", "tool_choice", "top_logprobs"):
+        del doc["components"]["schemas"]["ChatCompletionRequest"]["properties"][name]
     return doc
 
 
