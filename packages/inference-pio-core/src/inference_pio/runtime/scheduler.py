@@ -270,7 +270,8 @@ class Scheduler:
             if not sequence.closing and left <= LOOKAHEAD:
                 if sequence.closing_length == 0 or left % 4 == 0:
                     sequence.closing_length = self.constraints.closing_length(sequence.matcher)
-                sequence.closing = left <= sequence.closing_length + MARGIN
+                # near the end, a complete answer ends rather than starting something it cannot finish
+                sequence.closing = sequence.matcher.is_accepting() or left <= sequence.closing_length + MARGIN
             forced.append(self.constraints.best_closer(sequence.matcher) if sequence.closing else -1)
         return apply_constraints(logits, rows, allowed, forced)
 
