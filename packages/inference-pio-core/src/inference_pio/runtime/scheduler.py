@@ -84,8 +84,6 @@ class TokenStream(Iterator[int]):
             self._sequence.cancelled.set()
             self.finish_reason = "cancelled"
 
-    cancel = close
-
     def __del__(self) -> None:
         self.close()
 
@@ -175,8 +173,6 @@ class Scheduler:
                 sequence.cancelled.set()
             self._cond.notify()
         self._thread.join(5)
-
-    stop = close
 
     # -- the loop -----------------------------------------------------------------------------------
     def _run(self) -> None:
