@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from inference_pio import ConfigError, ConfigManager, InsufficientMemoryError, ModelPluginMetadata
-from inference_pio.common.memory import DeviceMemory, checkpoint_parameter_count, plan_memory, requirements_for
+from inference_pio.common.memory import (
+    DeviceMemory,
+    QuantizationSupport,
+    checkpoint_parameter_count,
+    plan_memory,
+    requirements_for,
+)
 
 GB = 10**9
 
@@ -64,6 +70,7 @@ def test_broken_toml_is_reported_with_its_path(tmp_path: Path) -> None:
 
 
 REQ = requirements_for(30 * GB)  # a 30 B-parameter model
+BNB = QuantizationSupport(frozenset({"cuda", "cpu"}))  # bitsandbytes installed, whatever this machine has
 
 
 @pytest.mark.parametrize(
@@ -78,7 +85,11 @@ REQ = requirements_for(30 * GB)  # a 30 B-parameter model
 )
 def test_memory_plan_picks_the_best_precision_that_fits(device: str, free_gb: int, expected: tuple[str, str]) -> None:
     plan = plan_memory(
-        "big", REQ, DeviceMemory(device, free_gb * GB, 100 * GB), supported_quantizations=("none", "int8", "int4")
+        "big",
+        REQ,
+        DeviceMemory(device, free_gb * GB, 100 * GB),
+        supported_quantizations=("none", "int8", "int4"),
+        quantization_support=BNB,
     )
     assert (plan.dtype, plan.quantization) == expected
     assert plan.required_bytes <= free_gb * GB
@@ -87,7 +98,13 @@ def test_memory_plan_picks_the_best_precision_that_fits(device: str, free_gb: in
 
 def test_memory_plan_refuses_naming_both_sizes() -> None:
     with pytest.raises(InsufficientMemoryError) as info:
-        plan_memory("big", REQ, DeviceMemory("cpu", 24 * GB, 24 * GB), supported_quantizations=("none", "int8", "int4"))
+        plan_memory(
+            "big",
+            REQ,
+            DeviceMemory("cpu", 24 * GB, 24 * GB),
+            supported_quantizations=("none", "int8", "int4"),
+            quantization_support=BNB,
+        )
     message = str(info.value)
     assert "132.00 GB" in message
     assert "66.00 GB" in message
@@ -97,17 +114,20 @@ def test_memory_plan_refuses_naming_both_sizes() -> None:
 
 def test_explicit_choices_are_honoured_or_refused() -> None:
     mem = DeviceMemory("cuda:0", 80 * GB, 80 * GB)
-    plan = plan_memory("big", REQ, mem, quantization="int4", supported_quantizations=("none", "int4"))
+    plan = plan_memory(
+        "big", REQ, mem, quantization="int4", supported_quantizations=("none", "int4"), quantization_support=BNB
+    )
     assert plan.quantization == "int4"
     with pytest.raises(ConfigError, match="does not support int8"):
         plan_memory("big", REQ, mem, quantization="int8", supported_quantizations=("none",))
-    with pytest.raises(ConfigError, match="needs a CUDA device"):
+    with pytest.raises(ConfigError, match=r"int8 quantization of big on mps is not possible.*cpu and cuda only"):
         plan_memory(
             "big",
             REQ,
-            DeviceMemory("cpu", 999 * GB, 999 * GB),
+            DeviceMemory("mps", 999 * GB, 999 * GB),
             quantization="int8",
             supported_quantizations=("none", "int8"),
+            quantization_support=QuantizationSupport(frozenset({"cuda", "cpu"})),
         )
     with pytest.raises(InsufficientMemoryError):
         plan_memory(
@@ -142,11 +162,11 @@ def test_config_manager_plans_with_simulated_memory() -> None:
 
     cm = ConfigManager(environ={"INFERENCE_PIO_CONFIG": "/nonexistent"}, memory_probe=probe)
     resolved = cm.resolve("big", {}, {"device": "cuda:0"})
-    plan = cm.plan_memory(meta, resolved)
+    plan = cm.plan_memory(meta, resolved, quantization_support=BNB)
     assert probed == ["cuda:0"]
     assert plan.quantization == "int8"
     env = ConfigManager(environ={"INFERENCE_PIO_SIMULATED_FREE_MEMORY": "20GB", "INFERENCE_PIO_CONFIG": "/none"})
-    assert env.plan_memory(meta, resolved).quantization == "int4"
+    assert env.plan_memory(meta, resolved, quantization_support=BNB).quantization == "int4"
 
 
 def test_checkpoint_parameter_count_reads_safetensors_headers(tmp_path: Path) -> None:

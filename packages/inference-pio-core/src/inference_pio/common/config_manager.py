@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from inference_pio.common.memory import DeviceMemory, MemoryPlan, host_memory, plan_memory
+from inference_pio.common.memory import DeviceMemory, MemoryPlan, QuantizationSupport, host_memory, plan_memory
 from inference_pio.common.metadata import GB, ModelPluginMetadata, Precision
 from inference_pio.errors import ConfigError
 
@@ -227,9 +227,11 @@ class ConfigManager:
         requirements: Mapping[Precision, int] | None = None,
         *,
         probe: Callable[[str], DeviceMemory] | None = None,
+        quantization_support: QuantizationSupport | None = None,
     ) -> MemoryPlan:
         """Pick dtype and quantization for ``metadata`` on ``config['device']`` (already resolved, not 'auto');
-        ``probe`` measures the device's free memory (see :meth:`probe`)."""
+        ``probe`` measures the device's free memory (see :meth:`probe`), ``quantization_support`` says where
+        bitsandbytes works (default: found from what is installed)."""
         memory = self.probe(config["device"], probe)
         return plan_memory(
             metadata.name,
@@ -238,6 +240,7 @@ class ConfigManager:
             dtype=config["dtype"],
             quantization=config["quantization"],
             supported_quantizations=metadata.supported_quantizations,
+            quantization_support=quantization_support,
         )
 
 

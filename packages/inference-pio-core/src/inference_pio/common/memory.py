@@ -6,13 +6,16 @@ the caller supplies (so tests can simulate any device).
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from packaging.version import InvalidVersion, Version
 
 from inference_pio.common.metadata import GB, Precision, Quantization
 from inference_pio.errors import ConfigError, InsufficientMemoryError, ModelLoadError
@@ -26,6 +29,43 @@ BYTES_PER_PARAM: dict[Precision, float] = {
     "int8": 1.0,  # bitsandbytes LLM.int8 weights plus per-row scales: about one byte per parameter
     "int4": 0.55,  # NF4 with double-quantized block scales
 }
+
+
+BITSANDBYTES_MIN_VERSION = "0.46.1"
+"""transformers 5.24 refuses older bitsandbytes; 0.46.1 and later also quantize on the CPU (tested: 0.46.1, 0.50.2)."""
+BITSANDBYTES_INSTALL = (
+    f"pip install 'bitsandbytes>={BITSANDBYTES_MIN_VERSION}' (the model package's 'quantization' extra, "
+    "e.g. pip install 'inference-pio-<model>[quantization]')"
+)
+
+
+@dataclass(frozen=True)
+class QuantizationSupport:
+    """The device kinds where 8-bit/4-bit weights (bitsandbytes) can load here, and why not elsewhere."""
+
+    device_kinds: frozenset[str]
+    problem: str = ""
+    """Why quantization is unavailable (empty when it is available on ``device_kinds``)."""
+
+
+def bitsandbytes_support(version_of: Callable[[str], str] = importlib.metadata.version) -> QuantizationSupport:
+    """Where bitsandbytes quantizes on this machine, read from the installed distribution without importing it
+    (importing it imports torch): CUDA and the CPU from version 0.46.1 on."""
+    try:
+        installed = version_of("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
+        return QuantizationSupport(frozenset(), f"bitsandbytes is not installed; {BITSANDBYTES_INSTALL}")
+    try:
+        too_old = Version(installed) < Version(BITSANDBYTES_MIN_VERSION)
+    except InvalidVersion:
+        too_old = True
+    if too_old:
+        return QuantizationSupport(
+            frozenset(),
+            f"bitsandbytes {installed} is installed, but {BITSANDBYTES_MIN_VERSION} or later is needed; "
+            f"{BITSANDBYTES_INSTALL}",
+        )
+    return QuantizationSupport(frozenset({"cuda", "cpu"}))
 
 
 @dataclass(frozen=True)
@@ -123,12 +163,16 @@ def plan_memory(
     dtype: str = "auto",
     quantization: str = "auto",
     supported_quantizations: tuple[Quantization, ...] = ("none",),
+    quantization_support: QuantizationSupport | None = None,
 ) -> MemoryPlan:
     """Choose dtype and quantization that fit ``memory``, or raise ``InsufficientMemoryError`` naming both sizes.
 
-    ``auto`` tries full precision first, then 8-bit, then 4-bit (bitsandbytes, CUDA only); on a CPU, float32
-    falls back to bfloat16. An explicit choice is honoured or refused, never silently changed.
+    ``auto`` tries full precision first, then, on CUDA, 8-bit and 4-bit (bitsandbytes); on a CPU, float32 falls
+    back to bfloat16 and quantization is used only when asked for (bitsandbytes' CPU kernels are slow). An
+    explicit choice is honoured or refused, never silently changed. ``quantization_support`` says where
+    bitsandbytes works (default: what :func:`bitsandbytes_support` finds installed).
     """
+    support = bitsandbytes_support() if quantization_support is None else quantization_support
     kind = memory.kind
     full = full_precision_for(kind) if dtype == "auto" else dtype
     if full not in ("float32", "bfloat16", "float16"):
@@ -148,18 +192,16 @@ def plan_memory(
         if dtype == "auto" and kind == "cpu" and full == "float32":
             candidates.append(("bfloat16", "none"))
     if quantization == "auto":
-        if kind == "cuda":
+        if kind == "cuda" and kind in support.device_kinds:
             candidates += [(full, q) for q in ("int8", "int4") if q in supported_quantizations]
     elif quantization in ("int8", "int4"):
         if quantization not in supported_quantizations:
             raise ConfigError(
                 f"{name} does not support {quantization} quantization; it supports {', '.join(supported_quantizations)}"
             )
-        if kind != "cuda":
-            raise ConfigError(
-                f"{quantization} quantization uses bitsandbytes, which needs a CUDA device; "
-                f"the target is {memory.device}"
-            )
+        if kind not in support.device_kinds:
+            why = support.problem or f"bitsandbytes quantizes on {' and '.join(sorted(support.device_kinds))} only"
+            raise ConfigError(f"{quantization} quantization of {name} on {memory.device} is not possible: {why}")
         candidates.append((full, quantization))
     elif quantization != "none":
         raise ConfigError(f"quantization must be auto, none, int8 or int4, got {quantization!r}")
@@ -178,8 +220,13 @@ def plan_memory(
             return plan
         tried.append(f"{cand_dtype if quant == 'none' else quant} needs {need / GB:.2f} GB")
     options = ["free memory on the device", "choose another device with device=..."]
-    if kind != "cuda" and any(q != "none" for q in supported_quantizations):
-        options.append("use a CUDA GPU, where 8-bit/4-bit weights (bitsandbytes) are possible")
+    if quantization in ("auto", "none") and any(q != "none" for q in supported_quantizations):
+        if kind != "cuda":
+            options.append("use a CUDA GPU, where 8-bit/4-bit weights (bitsandbytes) are chosen when needed")
+        if kind == "cpu" and kind in support.device_kinds:
+            options.append("ask for quantization='int8' or 'int4' (bitsandbytes on the CPU: smaller, slower)")
+        if support.problem:
+            options.append(f"for 8-bit/4-bit weights: {support.problem}")
     raise InsufficientMemoryError(
         f"{name} does not fit on {memory.device}: {'; '.join(tried) or 'no size known'}, but only "
         f"{memory.free_bytes / GB:.2f} GB of {memory.total_bytes / GB:.2f} GB is free. Options: {'; '.join(options)}."
