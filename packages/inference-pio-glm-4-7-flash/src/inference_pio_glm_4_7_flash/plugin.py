@@ -35,13 +35,18 @@ class Glm47FlashPlugin(HFTextPlugin):
         """``mla_absorb``: decode steps attend in MLA's latent space (see :mod:`.mla`); False keeps
         transformers' attention, which re-expands the whole cache every step. Set it in the config file
         (``[plugins.glm_4_7_flash] mla_absorb = false``), as ``INFERENCE_PIO_GLM_4_7_FLASH__MLA_ABSORB=0``
-        or as ``activate_plugin(..., mla_absorb=False)``."""
-        return {"mla_absorb": True}
+        or as ``activate_plugin(..., mla_absorb=False)``.
 
-    def use_model(self, model: Any, *, mla_absorb: bool | None = None, **kwargs: Any) -> None:
-        """Install the absorbed MLA decode path on ``model`` (unless switched off), then attach it as usual;
-        ``mla_absorb=None`` takes the activation's setting (default on)."""
-        from inference_pio_glm_4_7_flash import mla
+        ``moe_fast``: the MoE blocks route and compute their experts without host syncs (see :mod:`.moe`);
+        False keeps transformers' block. Set like ``mla_absorb`` (``INFERENCE_PIO_GLM_4_7_FLASH__MOE_FAST=0``)."""
+        return {"mla_absorb": True, "moe_fast": True}
+
+    def use_model(
+        self, model: Any, *, mla_absorb: bool | None = None, moe_fast: bool | None = None, **kwargs: Any
+    ) -> None:
+        """Install the model's fast paths on ``model`` (those not switched off), then attach it as usual;
+        ``None`` takes the activation's setting (default on)."""
+        from inference_pio_glm_4_7_flash import mla, moe
 
         absorb = bool(self.settings.get("mla_absorb", True)) if mla_absorb is None else mla_absorb
         if absorb:
@@ -49,7 +54,23 @@ class Glm47FlashPlugin(HFTextPlugin):
             log.info("%s: absorbed MLA decode in %d attention layer(s)", self.metadata.name, count)
         else:
             mla.uninstall_absorbed_mla(model)
+        fast = bool(self.settings.get("moe_fast", True)) if moe_fast is None else moe_fast
+        if fast:
+            count = moe.install_fast_moe(model)
+            log.info("%s: fast MoE in %d block(s)", self.metadata.name, count)
+        else:
+            moe.uninstall_fast_moe(model)
         super().use_model(model, **kwargs)
+
+    def load_pretrained(self, cls: Any, source: str, kwargs: dict[str, Any]) -> Any:
+        """With int8/int4 weights the routed experts are quantized too, streamed from the checkpoint
+        (see :mod:`.quant`); quantization ``none`` loads as usual."""
+        quantization = "none" if self.memory_plan is None else self.memory_plan.quantization
+        if quantization == "none":
+            return super().load_pretrained(cls, source, kwargs)
+        from inference_pio_glm_4_7_flash import quant
+
+        return quant.load_quantized(source, kwargs, quantization)
 
     def apply_template(
         self, messages: list[dict[str, Any]], options: Mapping[str, Any], tools: list[dict[str, Any]] | None = None
