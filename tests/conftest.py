@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,43 @@ def build_wheel(project: Path, outdir: Path) -> Path:
     )
     name = project.name.replace("-", "_")
     return next(outdir.glob(f"{name}-*.whl"))
+
+
+class Venv:
+    """A fresh virtual environment, as a user makes one: pip installs into it, commands run from its bin/."""
+
+    def __init__(self, path: Path) -> None:
+        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=300)
+        self.bin = path / "bin"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("INFERENCE_PIO_", "VIRTUAL_ENV"))}
+        self.env["PATH"] = f"{self.bin}{os.pathsep}{self.env.get('PATH', '')}"
+        self.env["INFERENCE_PIO_CONFIG"] = str(path / "no-config.toml")
+
+    def pip(self, *args: str) -> None:
+        """``pip install ARGS``; no bytecode compiling (most of an install's time with torch; imports compile
+        what they use)."""
+        proc = subprocess.run(
+            [
+                str(self.bin / "python"),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-compile",
+                "--disable-pip-version-check",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=900,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(self.bin / args[0]), *args[1:]], capture_output=True, text=True, env=self.env, timeout=300
+        )
 
 
 @pytest.fixture(scope="session")

@@ -3,39 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-class Venv:
-    def __init__(self, path: Path) -> None:
-        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, timeout=300)
-        self.bin = path / "bin"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("INFERENCE_PIO_", "VIRTUAL_ENV"))}
-        self.env["PATH"] = f"{self.bin}{os.pathsep}{self.env.get('PATH', '')}"
-        self.env["INFERENCE_PIO_CONFIG"] = str(path / "no-config.toml")
-
-    def pip(self, *args: str) -> None:
-        proc = subprocess.run(
-            [str(self.bin / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check", *args],
-            capture_output=True,
-            text=True,
-            env=self.env,
-            timeout=900,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(self.bin / args[0]), *args[1:]], capture_output=True, text=True, env=self.env, timeout=300
-        )
+from .conftest import Venv
 
 
 @pytest.fixture(scope="module")

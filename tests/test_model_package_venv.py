@@ -9,8 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .conftest import ROOT, build_wheel
-from .test_fresh_venv import Venv
+from .conftest import ROOT, Venv, build_wheel
 
 SCRIPT = """
 import json, sys, types

@@ -108,11 +108,17 @@ class HFTextPlugin(TextModelPluginInterface):
         raise ModelLoadError(f"model_path {path} does not exist")
 
     def load_model(self, config: Mapping[str, Any]) -> None:
+        """Load the checkpoint. ``config`` is normally the manager's resolved configuration; a plain dict such
+        as ``{"model_path": DIR, "device": "cpu"}`` works too (built-in defaults fill in the rest, and an
+        unknown key is a ``ConfigError`` listing the known ones)."""
         import torch
 
         from inference_pio.runtime.devices import probe_memory, resolve_device
 
         self.cleanup()
+        if "dtype" not in config:  # a plain dict (not resolved by the manager): defaults filled in, keys checked
+            manager = self.config_manager or ConfigManager(environ={})
+            config = manager.resolve(self.metadata.name, self.default_config(), {**self.settings, **config}).values
         source, local = self.resolve_source(config)
         device = resolve_device(str(config.get("device", "auto")))
         resolved = ResolvedConfig({**self.settings, **config, "device": device})

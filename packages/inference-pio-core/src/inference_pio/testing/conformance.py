@@ -1,12 +1,24 @@
-"""The checks behind the conformance kit. Each raises ``ConformanceError`` saying what a user would hit."""
+"""The checks behind the conformance kit. Each raises ``ConformanceError`` saying what a user would hit.
+
+Most checks build the plugin from its factory in this process, with no trust level and no path checks.
+``check_discovery`` and ``check_as_installed`` need the distribution installed: they find the plugin
+through its entry point in a fresh interpreter, and the latter runs it exactly as a user's install does
+(its default trust level, isolated in a worker below ``high``, ``model_path`` validated against that
+level's allowed folders). Without ``distribution=`` those two are skipped, with a warning saying so.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
+import warnings
 from collections.abc import Callable, Mapping
+from importlib.metadata import PackageNotFoundError
 from importlib.metadata import distribution as get_distribution
+from pathlib import Path
 from typing import Any
 
 from inference_pio.common.config_manager import ConfigManager
@@ -18,8 +30,32 @@ from inference_pio.common.interfaces import (
 from inference_pio.common.metadata import ModelPluginMetadata, validate_metadata
 from inference_pio.errors import InvalidRequestError
 from inference_pio.plugin_system.registry import ENTRY_POINT_GROUP
+from inference_pio.security.paths import is_hub_id
 
 HEAVY_MODULES = ("torch", "transformers", "tensorflow", "jax")
+
+AS_INSTALLED = """
+import json, sys
+from inference_pio import PluginManager
+
+name, prompt, max_new_tokens, config = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+pm = PluginManager()
+record = pm.get_record(name)
+report = {"status": record.status, "error": str(record.error or ""), "trust": str(record.trust),
+          "isolated": record.isolated}
+if record.status == "ok":
+    plugin = pm.activate_plugin(name, **config)
+    try:
+        report["runs_as"] = type(plugin).__name__
+        messages = [{"role": "user", "content": prompt}]
+        params = {"max_new_tokens": max_new_tokens, "temperature": 0.0}
+        whole = plugin.chat_completion(messages, **params)
+        report["text"] = whole.text
+        report["streamed"] = "".join(c.text for c in plugin.stream_chat(messages, **params))
+    finally:
+        pm.shutdown()
+print(json.dumps(report))
+"""
 
 
 class ConformanceError(AssertionError):
@@ -44,6 +80,8 @@ class Conformance:
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
         self._metadata: ModelPluginMetadata | None = None
+        self.installed: dict[str, Any] | None = None
+        """What ``check_as_installed`` saw: trust level, isolated, the class that ran, the text."""
 
     @property
     def metadata(self) -> ModelPluginMetadata:
@@ -61,6 +99,20 @@ class Conformance:
     def _resolved(self, plugin: ModelPluginInterface) -> dict[str, Any]:
         return ConfigManager(environ={}).resolve(self.metadata.name, plugin.default_config(), self.config).values
 
+    def _load(self, plugin: ModelPluginInterface, config: dict[str, Any]) -> None:
+        """``load_model``, with a hint when it failed because no local checkpoint was given."""
+        try:
+            plugin.load_model(config)
+        except Exception as exc:
+            if config.get("model_path"):
+                raise
+            raise ConformanceError(
+                f"load_model failed with no model_path in the kit's config, so the plugin tried its default "
+                f"model {self.metadata.model_id!r} ({type(exc).__name__}: {exc}). The kit is meant to run "
+                "offline: pass config={'model_path': DIR} with a small local checkpoint (for example one your "
+                "package's tiny-checkpoint builder writes into tmp_path)"
+            ) from exc
+
     # -- checks ---------------------------------------------------------------------------------------
     def check_metadata(self) -> None:
         """The metadata validates and is consistent (name pattern, sizes, API range includes this core)."""
@@ -73,9 +125,7 @@ class Conformance:
 
     def check_discovery(self) -> None:
         """The distribution declares an entry point that the PluginManager loads, with status ok."""
-        if self.distribution is None:
-            raise ConformanceError("check_discovery needs distribution='your-dist-name'")
-        eps = [ep for ep in get_distribution(self.distribution).entry_points if ep.group == ENTRY_POINT_GROUP]
+        eps = [ep for ep in self._distribution("check_discovery").entry_points if ep.group == ENTRY_POINT_GROUP]
         if not eps:
             raise ConformanceError(f"{self.distribution} declares no entry point in group {ENTRY_POINT_GROUP!r}")
         code = (
@@ -91,6 +141,61 @@ class Conformance:
             )
         if mine[0]["status"] != "ok":
             raise ConformanceError(f"plugin {self.metadata.name!r} is {mine[0]['status']}: {mine[0]['error']}")
+
+    def _distribution(self, check: str) -> Any:
+        if self.distribution is None:
+            raise ConformanceError(f"{check} needs distribution='your-distribution-name'")
+        try:
+            return get_distribution(self.distribution)
+        except PackageNotFoundError:
+            raise ConformanceError(
+                f"distribution {self.distribution!r} is not installed in the environment of {sys.executable}. "
+                "The kit finds your plugin through its entry point, as a user's install does: install your "
+                "project first (pip install -e .), or check the distribution= name against pyproject's "
+                "[project] name"
+            ) from None
+
+    def check_as_installed(self) -> None:
+        """The plugin as a user's ``pip install`` runs it: found through its entry point in a fresh interpreter,
+        at its default trust level (no user configuration), isolated in a worker below level ``high``, with
+        ``model_path`` validated against that level's allowed folders; greedy chat output equals this process's.
+
+        Below ``high`` a local checkpoint must lie in the Hugging Face cache or a ``[trust] model_dirs`` folder;
+        the kit lists the checkpoint's parent folder there in a config file of its own, as a user would."""
+        self._distribution("check_as_installed")
+        config = dict(self.config)
+        try:
+            json.dumps(config)
+        except TypeError as exc:
+            raise ConformanceError(f"check_as_installed passes config to a subprocess as JSON: {exc}") from exc
+        model_path = config.get("model_path")
+        in_process = self._loaded()
+        try:
+            messages = [{"role": "user", "content": self.prompt}]
+            expected = in_process.chat_completion(messages, max_new_tokens=self.max_new_tokens, temperature=0.0).text
+        finally:
+            in_process.cleanup()
+        with tempfile.TemporaryDirectory(prefix="inference-pio-conformance-") as tmp:
+            config_file = Path(tmp) / "config.toml"
+            roots = [] if not model_path or is_hub_id(str(model_path)) else [str(Path(model_path).resolve().parent)]
+            config_file.write_text(f"[trust]\nmodel_dirs = {json.dumps(roots)}\n", encoding="utf-8")
+            env = {k: v for k, v in os.environ.items() if not k.startswith("INFERENCE_PIO_")}
+            env.update(INFERENCE_PIO_CONFIG=str(config_file), HF_HUB_OFFLINE="1")
+            args = [self.metadata.name, self.prompt, str(self.max_new_tokens), json.dumps(config)]
+            report = json.loads(self._python(AS_INSTALLED, args, env))
+        where = f"plugin {self.metadata.name!r} at its default trust level {report['trust']!r}"
+        if report["isolated"]:
+            where += " (isolated in a worker process)"
+        if report["status"] != "ok":
+            raise ConformanceError(f"{where} is {report['status']}: {report['error']}")
+        if report["streamed"] != report["text"]:
+            raise ConformanceError(f"{where}: streamed {report['streamed']!r} differs from {report['text']!r}")
+        if report["text"] != expected:
+            raise ConformanceError(
+                f"{where} answered {report['text']!r}, in this process {expected!r}: does the plugin depend on "
+                "the working directory, environment variables or files outside model_path? The worker has none"
+            )
+        self.installed = report
 
     def check_light_import(self) -> None:
         """Importing the plugin's package (and listing plugins) imports no torch or transformers."""
@@ -113,7 +218,7 @@ class Conformance:
         for round_ in (1, 2):
             config = self._resolved(plugin)
             plugin.initialize(**config)
-            plugin.load_model(config)
+            self._load(plugin, config)
             try:
                 result = plugin.infer(self.prompt, max_new_tokens=self.max_new_tokens)
                 if isinstance(plugin, TextModelPluginInterface):
@@ -136,7 +241,7 @@ class Conformance:
             raise ConformanceError("this check applies to TextModelPluginInterface plugins")
         config = self._resolved(plugin)
         plugin.initialize(**config)
-        plugin.load_model(config)
+        self._load(plugin, config)
         return plugin
 
     def check_streaming(self) -> None:
@@ -191,17 +296,30 @@ class Conformance:
             plugin.cleanup()
 
     def run_all(self) -> None:
+        """Every check. Without ``distribution=`` discovery and the installed-path check are skipped, with a
+        ``UserWarning`` naming them (they would otherwise pass silently)."""
         self.check_metadata()
         if self.distribution is not None:
             self.check_discovery()
+        else:
+            warnings.warn(
+                "conformance: no distribution= given, so check_discovery and check_as_installed (entry point, "
+                "default trust level, isolation, model_path validation) were NOT run",
+                UserWarning,
+                stacklevel=2,
+            )
         self.check_light_import()
         self.check_lifecycle()
         self.check_streaming()
         self.check_bad_input()
+        if self.distribution is not None:
+            self.check_as_installed()
 
     @staticmethod
-    def _python(code: str) -> str:
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    def _python(code: str, args: list[str] | None = None, env: Mapping[str, str] | None = None) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-c", code, *(args or [])], capture_output=True, text=True, timeout=300, env=env
+        )
         if proc.returncode != 0:
             raise ConformanceError(f"subprocess check failed:\n{proc.stderr[-2000:]}")
         return proc.stdout.strip().splitlines()[-1]
