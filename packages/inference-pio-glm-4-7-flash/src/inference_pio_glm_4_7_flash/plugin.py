@@ -62,6 +62,16 @@ class Glm47FlashPlugin(HFTextPlugin):
             moe.uninstall_fast_moe(model)
         super().use_model(model, **kwargs)
 
+    def load_pretrained(self, cls: Any, source: str, kwargs: dict[str, Any]) -> Any:
+        """With int8/int4 weights the routed experts are quantized too, streamed from the checkpoint
+        (see :mod:`.quant`); quantization ``none`` loads as usual."""
+        quantization = "none" if self.memory_plan is None else self.memory_plan.quantization
+        if quantization == "none":
+            return super().load_pretrained(cls, source, kwargs)
+        from inference_pio_glm_4_7_flash import quant
+
+        return quant.load_quantized(source, kwargs, quantization)
+
     def apply_template(
         self, messages: list[dict[str, Any]], options: Mapping[str, Any], tools: list[dict[str, Any]] | None = None
     ) -> str:

@@ -132,7 +132,7 @@ class HFTextPlugin(TextModelPluginInterface):
         cls = getattr(transformers, self.MODEL_CLASS)
         kwargs = from_pretrained_kwargs(plan, device, config)
         try:
-            model = cls.from_pretrained(source, **kwargs)
+            model = self.load_pretrained(cls, source, kwargs)
             self.load_processor(source, config)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"{self.metadata.name}: could not load {source}: {exc}") from exc
@@ -149,6 +149,12 @@ class HFTextPlugin(TextModelPluginInterface):
             max_queue=config.get("max_queue"),
             compile=config.get("compile"),
         )
+
+    def load_pretrained(self, cls: Any, source: str, kwargs: dict[str, Any]) -> Any:
+        """Build the model: ``cls.from_pretrained(source, **kwargs)``. A model package overrides this where its
+        weights need more than transformers does under ``self.memory_plan`` (e.g. weights bitsandbytes cannot
+        quantize); the result then goes through :meth:`use_model` as usual."""
+        return cls.from_pretrained(source, **kwargs)
 
     def use_model(
         self,
