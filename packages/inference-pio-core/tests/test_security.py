@@ -350,17 +350,33 @@ def test_isolated_plugin_serves_concurrent_callers_and_streams_consumed_across_t
     assert secure.execute_plugin("well_behaved", "after").text == "after"
 
 
-def test_callers_queue_for_an_isolated_worker_up_to_a_bound(secure: PluginManager) -> None:
-    from inference_pio.errors import QueueFullError
+def test_requests_in_flight_in_an_isolated_worker_are_bounded(secure: PluginManager) -> None:
+    """Past ``max_requests`` calls and streams in flight, a request is refused at once; deactivating the plugin
+    ends the ones in flight with a clear error."""
+    import threading
 
-    secure.activate_plugin("well_behaved", device="cpu")
-    plugin = secure.get_plugin("well_behaved")
-    plugin.max_waiting = 0  # type: ignore[attr-defined]
-    stream = plugin.stream_text("holds the worker")  # type: ignore[attr-defined]
-    with pytest.raises(QueueFullError, match="serves one call at a time"):
-        secure.execute_plugin("well_behaved", "must wait")
-    assert "".join(c.text for c in stream) == "holds the worker"
-    assert secure.execute_plugin("well_behaved", "my turn").text == "my turn"
+    from inference_pio.errors import PluginNotActiveError, QueueFullError
+
+    secure.activate_plugin("sleeper", device="cpu")
+    plugin = secure.get_plugin("sleeper")
+    plugin.max_requests = 1  # type: ignore[attr-defined]
+    ended: list[BaseException] = []
+
+    def hold() -> None:
+        try:
+            secure.execute_plugin("sleeper", "holds the worker")
+        except BaseException as exc:
+            ended.append(exc)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert wait_until(lambda: plugin.in_flight == 1)  # type: ignore[attr-defined]
+    with pytest.raises(QueueFullError, match="already has 1 requests in flight"):
+        plugin.tokenize("must wait")  # type: ignore[attr-defined]
+    secure.deactivate_plugin("sleeper")
+    holder.join(30)
+    assert len(ended) == 1 and isinstance(ended[0], PluginNotActiveError), ended
+    assert "was deactivated" in str(ended[0])
 
 
 def gone(pid: int) -> bool:

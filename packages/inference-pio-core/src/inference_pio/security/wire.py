@@ -12,7 +12,7 @@ import json
 import struct
 from typing import IO, Any
 
-from inference_pio.common.interfaces import GenerationResult, StreamChunk, Usage
+from inference_pio.common.interfaces import GenerationResult, StreamChunk, TokenLogprob, Usage
 from inference_pio.parsers import ToolCall, ToolCallDelta
 
 MAX_MESSAGE = 256 * 1024 * 1024
@@ -35,12 +35,14 @@ def encode(obj: Any) -> Any:
                 list(obj.token_ids),
                 obj.reasoning,
                 [[c.id, c.name, c.arguments] for c in obj.tool_calls],
+                _logprobs(obj.logprobs),
             ]
         }
     if isinstance(obj, StreamChunk):
         usage = None if obj.usage is None else [obj.usage.prompt_tokens, obj.usage.completion_tokens]
         calls = [[d.index, d.id, d.name, d.arguments] for d in obj.tool_calls]
-        return {"__chunk__": [obj.text, obj.finish_reason, usage, list(obj.token_ids), obj.reasoning, calls]}
+        logprobs = _logprobs(obj.logprobs)
+        return {"__chunk__": [obj.text, obj.finish_reason, usage, list(obj.token_ids), obj.reasoning, calls, logprobs]}
     if isinstance(obj, dict):
         return {str(k): encode(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -54,19 +56,37 @@ def encode(obj: Any) -> Any:
     return str(obj)
 
 
+def _logprobs(entries: tuple[TokenLogprob, ...]) -> list[Any]:
+    return [[e.token_id, e.token, e.logprob, [list(t) for t in e.top]] for e in entries]
+
+
+def _from_logprobs(entries: list[Any]) -> tuple[TokenLogprob, ...]:
+    return tuple(
+        TokenLogprob(int(i), str(t), float(v), tuple((int(a), str(b), float(c)) for a, b, c in top))
+        for i, t, v, top in entries
+    )
+
+
 def decode(obj: Any) -> Any:
     if isinstance(obj, dict):
         if "__bytes__" in obj:
             return base64.b64decode(obj["__bytes__"])
         if "__result__" in obj:
-            text, finish, prompt, completion, ids, reasoning, calls = obj["__result__"]
+            text, finish, prompt, completion, ids, reasoning, calls, logprobs = obj["__result__"]
             tool_calls = tuple(ToolCall(str(i), str(n), str(a)) for i, n, a in calls)
-            return GenerationResult(text, finish, Usage(prompt, completion), tuple(ids), reasoning, tool_calls)
+            usage = Usage(prompt, completion)
+            return GenerationResult(text, finish, usage, tuple(ids), reasoning, tool_calls, _from_logprobs(logprobs))
         if "__chunk__" in obj:
-            text, finish, usage, ids, reasoning, calls = obj["__chunk__"]
+            text, finish, usage, ids, reasoning, calls, logprobs = obj["__chunk__"]
             deltas = tuple(ToolCallDelta(int(x), i, n, str(a)) for x, i, n, a in calls)
             return StreamChunk(
-                text, finish, None if usage is None else Usage(*usage), tuple(ids), str(reasoning), deltas
+                text,
+                finish,
+                None if usage is None else Usage(*usage),
+                tuple(ids),
+                str(reasoning),
+                deltas,
+                _from_logprobs(logprobs),
             )
         return {k: decode(v) for k, v in obj.items()}
     if isinstance(obj, list):
@@ -76,7 +96,10 @@ def decode(obj: Any) -> Any:
 
 def send(stream: IO[bytes], message: dict[str, Any]) -> None:
     data = json.dumps(encode(message)).encode()
-    stream.write(struct.pack("<I", len(data)) + data)
+    view = memoryview(struct.pack("<I", len(data)) + data)
+    while view:  # an unbuffered pipe may take part of a large message (a signal between two writes)
+        written = stream.write(view)
+        view = view[written or 0 :]
     stream.flush()
 
 
