@@ -478,7 +478,7 @@ def test_gpu_workers_are_held_to_resident_memory_not_an_address_space_cap(tmp_pa
     import resource
 
     config = tmp_path / "memory.toml"
-    config.write_text('[limits.low]\nmemory = "512MiB"\nwall_seconds = 180\n')
+    config.write_text('[limits.low]\nmemory = "512MiB"\nwall_seconds = 180\ngpu_memory_fraction = 0.5\n')
     strict_limits = PluginManager(environ={"INFERENCE_PIO_CONFIG": str(config)})
     strict_limits.load_plugins_from_directory(MISBEHAVING)
 

@@ -1,4 +1,4 @@
-"""The ``inference-pio`` command line: list, inspect, run, chat with and demo model plugins.
+"""The ``inference-pio`` command line: list, inspect, run, chat with, demo and trust model plugins.
 
 Listing never imports torch; running imports it through the plugin's ``load_model``.
 """
@@ -17,6 +17,8 @@ from typing import Any, TextIO
 from inference_pio.common.interfaces import DEFAULT_MAX_NEW_TOKENS, StreamChunk, TextModelPluginInterface
 from inference_pio.errors import InferencePIOError
 from inference_pio.plugin_system.manager import PluginManager, get_plugin_manager
+from inference_pio.plugin_system.trust import allow_root, forget_root, write_grant
+from inference_pio.security.policy import ResourceLimits, TrustLevel
 
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 130  # argparse itself exits 2 on a usage error
 
@@ -37,6 +39,7 @@ def _limits_text(limits: dict[str, Any]) -> str | None:
         "open_files": "files",
         "wall_seconds": "wall",
         "gpu_memory_fraction": "gpu",
+        "memory_accounting": "mem-by",
     }
     parts = []
     for key, value in limits.items():
@@ -44,8 +47,17 @@ def _limits_text(limits: dict[str, Any]) -> str | None:
             value = f"{value / 2**30:g}G" if value >= 2**30 else f"{value / 2**20:g}M"
         elif key.endswith("_seconds"):
             value = f"{value:g}s"
+        elif key == "gpu_memory_fraction":
+            value = f"{value:.0%}" if value else "none"
         parts.append(f"{short.get(key, key)}={value}")
     return " ".join(parts) or None
+
+
+def _request_text(request: dict[str, Any] | None) -> str | None:
+    if not request:
+        return None
+    needs = ",".join(request["needs"]) or request["level"]
+    return f"{needs} ({request['level']}: {'granted' if request['granted'] else 'not granted'})"
 
 
 def cmd_plugins(pm: PluginManager, args: argparse.Namespace) -> int:
@@ -58,7 +70,16 @@ def cmd_plugins(pm: PluginManager, args: argparse.Namespace) -> int:
         for row in rows:
             row["isolated"] = "yes" if row["isolated"] else "no"
             row["limits"] = _limits_text(row.get("limits") or {})
-        print(_table(rows, ["name", "version", "distribution", "status", "trust", "isolated", "limits", "error"]))
+            row["asks"] = _request_text(row.get("request"))
+        columns = ["name", "version", "distribution", "status", "trust", "isolated", "limits", "asks", "error"]
+        print(_table(rows, columns))
+        for row in rows:
+            request = row.get("request")
+            if request and not request["granted"]:
+                print(
+                    f"{row['name']} asks for {', '.join(request['needs']) or 'trust ' + request['level']}, "
+                    f"which takes trust level {request['level']}; to grant it: {request['grant']}"
+                )
     return EXIT_OK
 
 
@@ -72,6 +93,14 @@ def cmd_info(pm: PluginManager, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return EXIT_OK
+    if record.trust is not None:
+        limits = pm.trust_policy.limits_for(record.trust)
+        info["limits"] = _limits_text(info["limits"] or {})
+        if record.isolated and limits.memory_bytes is not None:
+            info["memory accounting"] = _memory_accounting(limits)
+        info["request"] = _request_text(info["request"])
+        if record.extra.get("request") and not record.extra["request"]["granted"]:
+            info["request"] += f"; to grant it: {record.extra['request']['grant']}"
     for key, value in info.items():
         if key == "metadata":
             for mkey, mvalue in value.items():
@@ -82,6 +111,29 @@ def cmd_info(pm: PluginManager, args: argparse.Namespace) -> int:
                 print(f"{mkey:>24}: {mvalue}")
         else:
             print(f"{key:>24}: {value if value is not None else '-'}")
+    return EXIT_OK
+
+
+def _memory_accounting(limits: ResourceLimits) -> str:
+    from inference_pio.security.process import describe_memory_accounting
+
+    return describe_memory_accounting(limits)
+
+
+def cmd_trust(pm: PluginManager, args: argparse.Namespace) -> int:
+    record = pm.get_record(args.name)  # a typo fails here, naming the plugins there are
+    level = None if args.level.strip().lower() == "default" else TrustLevel.parse(args.level, "trust LEVEL")
+    done = write_grant(pm.config_manager.config_file, record.name, level)
+    print(done)
+    fresh = PluginManager()  # the config file as it is now
+    for directory in args.plugins_dir:
+        fresh.load_plugins_from_directory(directory)
+    now = fresh.get_record(record.name)
+    where = "isolated, in a worker process" if now.isolated else "in-process"
+    limits = _limits_text(now.as_row()["limits"] or {}) or "none"
+    print(f"{record.name} now runs at trust level {now.trust} ({where}); limits: {limits}")
+    if level == TrustLevel.MAXIMUM:
+        print("maximum also lets pickle weights (*.bin, *.pt, ...) pass path validation: they run code when loaded")
     return EXIT_OK
 
 
@@ -227,12 +279,14 @@ def cmd_demo(pm: PluginManager, args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="inference-pio-demo-") as tmp:
         for record in records:
             print(f"== {record.name}: building its tiny offline checkpoint", file=sys.stderr, flush=True)
+            checkpoint = None
             try:
                 checkpoint = pm.demo_checkpoint(record.name, Path(tmp))
                 if checkpoint is None:
                     print(f"   {record.name} provides no demo checkpoint; skipped", file=sys.stderr)
                     continue
                 args.model_path = str(checkpoint)
+                allow_root(record, checkpoint)  # its own demo checkpoint, for this plugin only (isolated ones too)
                 plugin = _activate(pm, record.name, args, sys.stderr)
                 params = {"max_new_tokens": args.max_new_tokens, "temperature": 0.0}
                 print(f"-- {record.name} text: ", end="", flush=True)
@@ -241,9 +295,12 @@ def cmd_demo(pm: PluginManager, args: argparse.Namespace) -> int:
                 )
                 print(f"   [{last.finish_reason}, {last.usage.completion_tokens if last.usage else 0} tokens]")
                 if "image" in plugin.metadata.modalities:
+                    image = Path(tmp) / "demo.png"  # a file, which crosses to an isolated worker as its path
+                    if not image.exists():
+                        demo_image().save(image)
                     print(f"-- {record.name} image: ", end="", flush=True)
                     content = [
-                        {"type": "image", "image": demo_image()},
+                        {"type": "image", "image": str(image)},
                         {"type": "text", "text": "Describe this image."},
                     ]
                     last = _print_stream(
@@ -258,6 +315,8 @@ def cmd_demo(pm: PluginManager, args: argparse.Namespace) -> int:
                 print(f"error: {record.name}: {exc}", file=sys.stderr)
             finally:
                 pm.deactivate_plugin(record.name)
+                if checkpoint is not None:
+                    forget_root(record, checkpoint)
     print("(tiny random weights: the text is noise; the demo shows the whole path works offline)", file=sys.stderr)
     return EXIT_ERROR if failures else EXIT_OK
 
@@ -304,13 +363,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p = sub.add_parser("trust", help="grant a plugin a trust level: writes [trust.plugins] in the config file")
+    p.add_argument("name", help="plugin name, as 'inference-pio plugins' lists it")
+    p.add_argument("level", help="low | medium | high | maximum, or 'default' to remove the grant")
     from inference_pio.server.cli import add_serve_parser  # light: the server itself is imported by 'serve'
 
     add_serve_parser(sub)
     return parser
 
 
-COMMANDS = {"plugins": cmd_plugins, "info": cmd_info, "run": cmd_run, "chat": cmd_chat, "demo": cmd_demo}
+COMMANDS = {
+    "plugins": cmd_plugins,
+    "info": cmd_info,
+    "run": cmd_run,
+    "chat": cmd_chat,
+    "demo": cmd_demo,
+    "trust": cmd_trust,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

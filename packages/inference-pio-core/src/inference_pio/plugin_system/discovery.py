@@ -25,12 +25,13 @@ from inference_pio.security.paths import check_directory, read_checked
 
 @dataclass(frozen=True)
 class Registration:
-    """One ``register(name, factory, metadata, trust=...)`` call made by a hook implementation."""
+    """One ``register(name, factory, metadata, trust=..., needs=...)`` call made by a hook implementation."""
 
     name: str
     factory: Any
     metadata: Any
     trust: str | None = None  # the level the distribution asks for; the policy decides what it gets
+    needs: tuple[str, ...] | None = None  # what the plugin says it needs ("gpu", "in_process"); the user grants
 
 
 def new_hook_manager() -> pluggy.PluginManager:
@@ -62,8 +63,8 @@ def registrations(pm: pluggy.PluginManager, plugin: Any) -> list[Registration]:
     caller = pm.subset_hook_caller("inference_pio_register_plugins", remove_plugins=others)
     found: list[Registration] = []
 
-    def register(name: str, factory: Any, metadata: Any, *, trust: str | None = None) -> None:
-        found.append(Registration(name, factory, metadata, trust))
+    def register(name: str, factory: Any, metadata: Any, *, trust: str | None = None, needs: Any = None) -> None:
+        found.append(Registration(name, factory, metadata, trust, None if needs is None else tuple(needs)))
 
     caller(register=register)
     return found

@@ -18,15 +18,18 @@ from inference_pio.plugin_system.hookspecs import Register, hookimpl
 from inference_pio.plugin_system.registry import resolve_factory
 
 
-def register_plugins_hook(metadata: Any, factory: str, *, trust: str | None = None) -> Callable[[Register], None]:
+def register_plugins_hook(
+    metadata: Any, factory: str, *, trust: str | None = None, needs: Any = None
+) -> Callable[[Register], None]:
     """An ``inference_pio_register_plugins`` implementation registering ``factory`` under ``metadata.name``.
 
-    ``trust`` is the level the plugin asks for (see docs/security.md for what the core grants)."""
+    ``trust`` is the level the plugin asks for, ``needs`` what it needs (``"gpu"``, ``"in_process"``,
+    ``"pickle_weights"``; shown to the user, who grants it); see docs/security.md."""
     name = metadata["name"] if isinstance(metadata, dict) else metadata.name
 
     @hookimpl
     def inference_pio_register_plugins(register: Register) -> None:
-        register(name, factory, metadata, trust=trust)
+        register(name, factory, metadata, trust=trust, needs=needs)
 
     return inference_pio_register_plugins
 

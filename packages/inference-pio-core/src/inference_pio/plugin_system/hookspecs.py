@@ -19,7 +19,9 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 class Register(Protocol):
     """The callback handed to ``inference_pio_register_plugins``."""
 
-    def __call__(self, name: str, factory: Any, metadata: Any, *, trust: str | None = None) -> None: ...
+    def __call__(
+        self, name: str, factory: Any, metadata: Any, *, trust: str | None = None, needs: Any = None
+    ) -> None: ...
 
 
 @hookspec
@@ -31,6 +33,9 @@ def inference_pio_register_plugins(register: Register) -> None:
     ``ModelPluginMetadata`` or a dict validated into one. ``trust`` (optional) is the level the
     plugin asks for, e.g. ``"high"`` for a model that must run in-process on a GPU; an installed
     distribution gets it up to ``[trust] max_requested`` (default ``high``), see docs/security.md.
+    ``needs`` (optional) says what the plugin needs, from ``"gpu"``, ``"in_process"`` and
+    ``"pickle_weights"``: ``inference-pio plugins`` shows it with the command that grants it; nothing is
+    granted until the user runs that command.
     """
 
 

@@ -163,7 +163,7 @@ class PluginManager:
                 record.directory = source.removeprefix("directory ")
             self._records[name] = record
             try:
-                assign_trust(record, self.trust_policy, registration.trust)
+                assign_trust(record, self.trust_policy, registration.trust, registration.needs)
                 record.metadata = validate_metadata(metadata, source=f"plugin {name!r} from {source}")
                 if record.metadata.name != name:
                     raise ValueError(

@@ -50,6 +50,7 @@ class PluginRecord:
             "trust": None if self.trust is None else str(self.trust),
             "isolated": self.isolated,
             "limits": self.extra.get("limits"),  # None until a trust level is known (e.g. a broken plugin)
+            "request": self.extra.get("request"),  # what its distribution asks for, and whether it is granted
         }
 
 

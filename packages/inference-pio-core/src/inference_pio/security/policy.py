@@ -5,9 +5,9 @@ Policy (documented in docs/security.md, which also says who gets which level):
 =========  ==============  =============================================  ================  =======================
 level      runs            may read weights from                          pickle weights    default limits
 =========  ==============  =============================================  ================  =======================
-LOW        worker process  Hugging Face cache, configured ``model_dirs``  refused           8 GiB, 300 s CPU, ...
-MEDIUM     worker process  Hugging Face cache, configured ``model_dirs``  refused           32 GiB, 3600 s CPU, ...
-HIGH       in-process      any checked local directory, or the hub        refused           GPU memory fraction
+LOW        worker process  Hugging Face cache, configured ``model_dirs``  refused           8 GiB, 300 s CPU, no GPU
+MEDIUM     worker process  Hugging Face cache, configured ``model_dirs``  refused           32 GiB, 3600 s CPU, 90 % GPU
+HIGH       in-process      any checked local directory, or the hub        refused           95 % of a GPU
 MAXIMUM    in-process      any checked local directory, or the hub        pass path checks  none
 =========  ==============  =============================================  ================  =======================
 
@@ -59,28 +59,54 @@ class TrustLevel(enum.IntEnum):
         return self.name.lower()
 
 
+MEMORY_ACCOUNTING = ("auto", "address_space", "cgroup", "resident")
+
+# What a distribution may say it needs (``register(..., needs=[...])``); the level each takes is
+# decided by the policy (:meth:`TrustPolicy.level_needed`), and only the user grants it.
+NEEDS = {
+    "gpu": "a GPU (levels whose gpu_memory_fraction is above 0)",
+    "in_process": "running in the calling process (levels at or above [trust] isolate_below)",
+    "pickle_weights": "loading pickle-based weights (maximum)",
+}
+
+
 @dataclass(frozen=True)
 class ResourceLimits:
     """Caps for one plugin. ``None`` means unlimited. Enforced by the OS in isolated workers."""
 
     cpu_seconds: int | None = None  # over the worker's whole life, not per call
-    memory_bytes: int | None = None  # address space (device cpu) or resident memory of the worker tree (GPU)
+    memory_bytes: int | None = None  # address space (device cpu), else a cgroup or resident memory of the worker tree
     disk_write_bytes: int | None = None  # largest file the worker may write
     open_files: int | None = None
     wall_seconds: float | None = None  # per call
-    gpu_memory_fraction: float | None = None  # in-process plugins on CUDA
+    gpu_memory_fraction: float | None = None  # share of the GPU's memory per process; 0 means no GPU
+    memory_accounting: str | None = None  # how memory_bytes is enforced; None is "auto" (chosen per device)
 
     def describe(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @property
+    def gpu_allowed(self) -> bool:
+        return self.gpu_memory_fraction is None or self.gpu_memory_fraction > 0
 
 
 GIB = 1024**3
 DEFAULT_LIMITS: dict[TrustLevel, ResourceLimits] = {
     TrustLevel.LOW: ResourceLimits(
-        cpu_seconds=300, memory_bytes=8 * GIB, disk_write_bytes=256 * 1024**2, open_files=256, wall_seconds=120
+        cpu_seconds=300,
+        memory_bytes=8 * GIB,
+        disk_write_bytes=256 * 1024**2,
+        open_files=256,
+        wall_seconds=120,
+        gpu_memory_fraction=0.0,
     ),
     TrustLevel.MEDIUM: ResourceLimits(
-        cpu_seconds=3600, memory_bytes=32 * GIB, disk_write_bytes=4 * GIB, open_files=1024, wall_seconds=600
+        cpu_seconds=3600,
+        memory_bytes=32 * GIB,
+        disk_write_bytes=4 * GIB,
+        open_files=1024,
+        wall_seconds=600,
+        gpu_memory_fraction=0.9,
     ),
     TrustLevel.HIGH: ResourceLimits(gpu_memory_fraction=0.95),
     TrustLevel.MAXIMUM: ResourceLimits(),
@@ -141,10 +167,21 @@ class TrustPolicy:
                     changes[key] = int(value)
                 elif key in ("wall_seconds", "gpu_memory_fraction"):
                     changes[key] = float(value)
+                    if key == "gpu_memory_fraction" and not 0 <= changes[key] <= 1:
+                        raise ConfigError(
+                            f"[limits.{name}] gpu_memory_fraction must be between 0 (no GPU) and 1, got {value!r}"
+                        )
+                elif key == "memory_accounting":
+                    if value not in MEMORY_ACCOUNTING:
+                        raise ConfigError(
+                            f"[limits.{name}] memory_accounting must be one of {', '.join(MEMORY_ACCOUNTING)}, "
+                            f"got {value!r}"
+                        )
+                    changes[key] = None if value == "auto" else str(value)
                 else:
                     raise ConfigError(
                         f"[limits.{name}] {key}: unknown limit; known: memory, cpu_seconds, disk, "
-                        "open_files, wall_seconds, gpu_memory_fraction"
+                        "open_files, wall_seconds, gpu_memory_fraction, memory_accounting"
                     )
             per_level[lvl] = replace(per_level[lvl], **changes)
         return cls(
@@ -178,6 +215,18 @@ class TrustPolicy:
         if requested is not None and distribution is not None:
             return min(requested, self.max_requested)
         return self.third_party
+
+    def level_needed(self, needs: tuple[str, ...]) -> TrustLevel:
+        """The lowest level that gives a plugin everything in ``needs`` (see :data:`NEEDS`)."""
+        wanted = TrustLevel.LOW
+        for need in needs:
+            if need == "in_process":
+                wanted = max(wanted, self.isolate_below)
+            elif need == "pickle_weights":
+                wanted = TrustLevel.MAXIMUM
+            elif need == "gpu":
+                wanted = max(wanted, min(lvl for lvl in TrustLevel if self.limits_for(lvl).gpu_allowed))
+        return wanted
 
     def isolated(self, level: TrustLevel) -> bool:
         return level < self.isolate_below

@@ -37,12 +37,16 @@ PASS_ENV = (
 KEEP_DUMPABLE = "INFERENCE_PIO_KEEP_DUMPABLE"
 ALLOCATION_FAILED = re.compile(r"MemoryError|bad_alloc|Cannot allocate memory|out of memory", re.IGNORECASE)
 SUPERVISOR = str(Path(__file__).with_name("supervisor.py"))  # run as a script: stdlib only, starts fast
-MemoryAccounting = Literal["address_space", "resident"]
+MemoryAccounting = Literal["address_space", "cgroup", "resident"]
+CGROUP_ENV = "INFERENCE_PIO_CGROUP"  # a delegated cgroup v2 folder to put workers in, or "off"
 
 
-def worker_environment(workdir: Path, hf_cache: Path) -> dict[str, str]:
-    """Only harmless variables pass; secrets (tokens, API keys, credentials) never reach the worker."""
+def worker_environment(workdir: Path, hf_cache: Path, limits: ResourceLimits | None = None) -> dict[str, str]:
+    """Only harmless variables pass; secrets (tokens, API keys, credentials) never reach the worker. A level
+    without a GPU (``gpu_memory_fraction`` 0) gets none visible."""
     env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
+    if limits is not None and not limits.gpu_allowed:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     env.update(
         {
             "HOME": str(workdir),
@@ -55,11 +59,87 @@ def worker_environment(workdir: Path, hf_cache: Path) -> dict[str, str]:
     return env
 
 
-def memory_accounting(device: str) -> MemoryAccounting:
-    """How a worker's memory limit is enforced: address space (``RLIMIT_AS``, exact, immediate) for CPU
-    workers; resident memory measured by the supervisor for anything that may initialise a GPU, since
-    CUDA reserves far more address space than any sensible limit."""
-    return "address_space" if device == "cpu" else "resident"
+def memory_accounting(device: str, limits: ResourceLimits | None = None) -> MemoryAccounting:
+    """How a worker's memory limit is enforced. ``limits.memory_accounting`` forces a way; otherwise
+    address space (``RLIMIT_AS``, exact, immediate) for CPU workers, and for anything that may initialise
+    a GPU (CUDA reserves far more address space than any sensible limit) a cgroup v2 memory limit where
+    the platform delegates one to us, else resident memory measured by the supervisor. A forced
+    ``cgroup`` falls back to ``resident`` where none is available."""
+    forced = None if limits is None else limits.memory_accounting
+    if forced == "address_space" or (forced is None and device == "cpu"):
+        return "address_space"
+    if forced == "resident":
+        return "resident"
+    return "cgroup" if cgroup_parent() is not None else "resident"
+
+
+def describe_memory_accounting(limits: ResourceLimits) -> str:
+    """How this machine enforces ``limits.memory_bytes`` on a worker, per device (``inference-pio info``)."""
+    parent = cgroup_parent()
+    kernel = f"a cgroup v2 memory.max below {parent}" if parent else "resident memory measured by the supervisor"
+    if limits.memory_accounting == "address_space":
+        return "address space (RLIMIT_AS) on every device"
+    if limits.memory_accounting == "resident":
+        return "resident memory measured by the supervisor, on every device"
+    if limits.memory_accounting == "cgroup":
+        return f"{kernel}, on every device"
+    return f"address space (RLIMIT_AS) on cpu; on a GPU or auto: {kernel}"
+
+
+def _cgroup2_mount(mountinfo: str) -> tuple[Path, str] | None:
+    """Where the cgroup v2 hierarchy is mounted, and which of its folders that mount shows as its root."""
+    for line in mountinfo.splitlines():
+        left, sep, right = line.partition(" - ")
+        if sep and right.split()[:1] == ["cgroup2"]:
+            fields = left.split()
+            return Path(fields[4]), fields[3]
+    return None
+
+
+def _usable_cgroup(folder: Path) -> bool:
+    """A folder we may create a child cgroup in, with the memory controller enabled for its children, and
+    whose ``cgroup.procs`` we may write (moving a process needs the common ancestor writable)."""
+    try:
+        controllers = (folder / "cgroup.subtree_control").read_text().split()
+    except OSError:
+        return False
+    return "memory" in controllers and os.access(folder, os.W_OK) and os.access(folder / "cgroup.procs", os.W_OK)
+
+
+def cgroup_parent(
+    environ: dict[str, str] | None = None, proc: Path = Path("/proc/self"), root: Path | None = None
+) -> Path | None:
+    """The cgroup v2 folder that worker cgroups are created in, or ``None`` (then memory is measured).
+
+    ``$INFERENCE_PIO_CGROUP`` names one (or ``off``); otherwise this process's own cgroup or its parent
+    when either has the memory controller enabled for its children and is writable by us (the root
+    cgroup as root; a systemd user session delegates ``user@UID.service/app.slice``). ``proc`` and
+    ``root`` (the mount point) stand in for the real ones in tests."""
+    env = os.environ if environ is None else environ
+    chosen = env.get(CGROUP_ENV, "").strip()
+    if chosen.lower() in ("off", "0", "no", "false"):
+        return None
+    if chosen:
+        return Path(chosen) if _usable_cgroup(Path(chosen)) else None
+    try:
+        membership = (proc / "cgroup").read_text()
+        mount = _cgroup2_mount((proc / "mountinfo").read_text())
+    except OSError:
+        return None
+    own = next((line[3:] for line in membership.splitlines() if line.startswith("0::")), None)
+    if own is None or mount is None:
+        return None
+    mount_point, mount_root = mount
+    if root is not None:
+        mount_point = root
+    relative = os.path.relpath(own, mount_root) if own.startswith(mount_root) else None
+    if relative is None or relative.startswith(".."):
+        return None
+    folder = (mount_point / relative).resolve() if relative != "." else mount_point
+    for candidate in (folder, folder.parent):
+        if candidate.is_relative_to(mount_point) and _usable_cgroup(candidate):
+            return candidate
+    return None
 
 
 def make_non_dumpable() -> bool:
@@ -137,10 +217,16 @@ class WorkerProcess:
         # moves where the supervisor and worker (which share the open file) write
         self._log = (self.workdir / "worker.log").open("a+b")
         worker = ["-I", "-m", "inference_pio.security.worker", "--in", str(to_r), "--out", str(from_w)]
+        if self.limits.memory_accounting is not None:  # configured for the level: wins over the device's default
+            self.memory = memory_accounting("cpu", self.limits)
+        parent = cgroup_parent() if self.memory == "cgroup" else None
+        if parent is None and self.memory == "cgroup":
+            self.memory = "resident"
         config = {
             "worker": [*worker, "--spec", json.dumps(spec)],
             "limits": self.limits.describe(),
             "memory": self.memory,
+            "cgroup": None if parent is None else str(parent),
             "parent": os.getpid(),
             "workdir": str(self.workdir),
             "status_fd": status_w,
@@ -156,7 +242,7 @@ class WorkerProcess:
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=log,
-                    env=worker_environment(workdir, self.hf_cache),
+                    env=worker_environment(workdir, self.hf_cache, self.limits),
                     start_new_session=True,
                 )
             )
@@ -248,6 +334,11 @@ def classify(report: dict[str, Any], limits: ResourceLimits, log_tail: str) -> t
     number = report.get("signal")
     cpu = float(report.get("cpu_seconds") or 0)
     name = signal.Signals(number).name if number else ""
+    if report.get("watchdog") == "memory" and report.get("cgroup"):
+        peak = int(report.get("peak_bytes", 0)) / 2**20
+        return "memory", (
+            f"the kernel ended it at its cgroup memory limit (memory.max of {report['cgroup']}; peak {peak:.0f} MiB)"
+        )
     if report.get("watchdog") == "memory":
         held = int(report.get("resident_bytes", 0)) / 2**20
         return "memory", f"its processes held {held:.0f} MiB of resident memory (measured, as for GPU workers)"

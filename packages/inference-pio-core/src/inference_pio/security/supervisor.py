@@ -8,8 +8,12 @@ CONFIG`` (a script, so that it imports only the standard library and starts fast
   detaches with ``setsid`` and a double fork, stays its descendant and is killed when the worker ends,
   when the manager stops it, or when the manager dies;
 - forks the worker, applies the rlimits to it before ``exec`` and gives it a parent-death signal too;
-- measures resident memory of the whole worker tree when the memory limit is "resident" (GPU workers,
-  where an address-space limit would break CUDA), and kills the tree when it goes over;
+- puts the worker in a cgroup of its own with ``memory.max`` when the memory limit is "cgroup" (GPU workers
+  where a delegated cgroup v2 is available: the kernel enforces it), checking that the worker really
+  landed there and falling back to "resident" if not;
+- measures resident memory of the whole worker tree when the memory limit is "resident" (GPU workers
+  without a usable cgroup, where an address-space limit would break CUDA), and kills the tree when it
+  goes over;
 - removes the worker's folder, then reports how the worker ended (exit code or signal, CPU seconds,
   peak memory) as one JSON line on the status pipe.
 """
@@ -95,6 +99,27 @@ def _stop(signum: int, frame: Any) -> None:
     raise Stop
 
 
+def _write(path: str, value: str) -> None:
+    with open(path, "w") as fh:
+        fh.write(value)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as fh:
+            return fh.read()
+    except OSError:
+        return ""
+
+
+def cgroup_of(pid: int) -> str | None:
+    """The cgroup v2 path of ``pid`` (as /proc shows it), or None."""
+    for line in _read(f"/proc/{pid}/cgroup").splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    return None
+
+
 class Supervisor:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
@@ -102,9 +127,70 @@ class Supervisor:
         self.worker = 0
         self.status: int | None = None
         self.usage: Any = None
+        self.cgroup: str | None = None  # the worker's own cgroup folder, when the kernel enforces memory
+        self.notes: dict[str, Any] = {}  # for the report: why a cgroup was not used
+
+    def make_cgroup(self) -> str | None:
+        """A new cgroup below the configured parent holding the memory limit; None (and a note) on failure."""
+        parent, limit = self.config.get("cgroup"), self.limits.get("memory_bytes")
+        if self.config["memory"] != "cgroup" or not parent or limit is None:
+            return None
+        folder = os.path.join(parent, f"inference-pio-worker-{os.getpid()}")
+        try:
+            os.mkdir(folder)
+            _write(os.path.join(folder, "memory.max"), str(int(limit)))
+        except OSError as exc:
+            self.notes["cgroup_error"] = f"{folder}: {exc}"
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+            return None
+        for name, value in (("memory.swap.max", "0"), ("memory.oom.group", "1")):  # not on every kernel
+            with contextlib.suppress(OSError):
+                _write(os.path.join(folder, name), value)
+        return folder
+
+    def enter_cgroup(self, pid: int, folder: str) -> bool:
+        """Move ``pid`` into ``folder`` and check that /proc agrees it is there."""
+        try:
+            _write(os.path.join(folder, "cgroup.procs"), str(pid))
+        except OSError as exc:
+            self.notes["cgroup_error"] = f"moving the worker into {folder}: {exc}"
+            return False
+        where = cgroup_of(pid) or ""
+        if not where.endswith("/" + os.path.basename(folder)):
+            self.notes["cgroup_error"] = f"the worker is in cgroup {where!r}, not {folder} (not a cgroup v2 folder?)"
+            return False
+        return True
+
+    def remove_cgroup(self) -> None:
+        if self.cgroup is None:
+            return
+        for _ in range(100):  # the kernel lets go of the folder a moment after its last process is reaped
+            try:
+                os.rmdir(self.cgroup)
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.01)
+
+    def memory_breach(self) -> dict[str, Any]:
+        """The report's part about a kernel out-of-memory kill in the worker's cgroup, if there was one."""
+        if self.cgroup is None:
+            return {}
+        events = {}
+        for line in _read(os.path.join(self.cgroup, "memory.events")).splitlines():
+            key, _, value = line.partition(" ")
+            events[key] = int(value) if value.strip().isdigit() else 0
+        if events.get("oom_kill", 0) == 0 and events.get("oom_group_kill", 0) == 0:
+            return {}
+        peak = _read(os.path.join(self.cgroup, "memory.peak")).strip() or "0"
+        return {"watchdog": "memory", "cgroup": self.cgroup, "peak_bytes": int(peak) if peak.isdigit() else 0}
 
     def start_worker(self) -> None:
         me = os.getpid()
+        folder = self.make_cgroup()
+        ready_r, ready_w = os.pipe() if folder else (-1, -1)
         pid = os.fork()
         if pid == 0:  # the worker: limits and parent-death signal, then exec
             try:
@@ -112,6 +198,11 @@ class Supervisor:
                 prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
                 if os.getppid() != me:  # the supervisor died before the signal was armed
                     os._exit(1)
+                if folder:  # wait until the supervisor has moved us into the cgroup (or given up)
+                    os.close(ready_w)
+                    if os.read(ready_r, 1) != b"1":
+                        os._exit(1)
+                    os.close(ready_r)
                 for key, which in RLIMITS.items():
                     value = self.limits.get(key)
                     if value is not None and not (key == "memory_bytes" and self.config["memory"] != "address_space"):
@@ -123,6 +214,16 @@ class Supervisor:
             finally:
                 os._exit(127)
         self.worker = pid
+        if folder:
+            os.close(ready_r)
+            if self.enter_cgroup(pid, folder):
+                self.cgroup = folder
+            else:  # the kernel will not enforce it: measure resident memory instead
+                self.config["memory"] = "resident"
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
+            os.write(ready_w, b"1")
+            os.close(ready_w)
 
     def reap(self) -> None:
         while True:
@@ -173,6 +274,8 @@ class Supervisor:
         finally:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # cleaning up already; a second request changes nothing
             self.kill_all()
+            report.update(self.memory_breach())
+            self.remove_cgroup()
             shutil.rmtree(self.config["workdir"], ignore_errors=True)
             if pidfd is not None:
                 os.close(pidfd)
@@ -183,6 +286,8 @@ class Supervisor:
                 report["code"] = os.WEXITSTATUS(self.status)
             report["cpu_seconds"] = self.usage.ru_utime + self.usage.ru_stime
             report["max_rss_bytes"] = self.usage.ru_maxrss * 1024
+        report["memory"] = self.config["memory"]
+        report.update(self.notes)
         return report
 
 
@@ -206,6 +311,7 @@ def main(argv: list[str]) -> int:
     except Stop:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         supervisor.kill_all()
+        supervisor.remove_cgroup()
         shutil.rmtree(config["workdir"], ignore_errors=True)
         report = {"stopped": True}
     with contextlib.suppress(OSError):

@@ -23,6 +23,7 @@ from typing import IO, Any
 
 from inference_pio.errors import InferencePIOError
 from inference_pio.security import wire
+from inference_pio.security.gpu import claim_device
 
 CALLS = frozenset({"infer", "generate_text", "chat_completion", "tokenize", "detokenize", "supports_config"})
 STREAMS = frozenset({"stream_text", "stream_chat"})
@@ -130,6 +131,7 @@ class Worker:
 
     def activate(self, config: dict[str, Any]) -> dict[str, Any]:
         """Build and load the plugin; answer what the manager shows of it (memory plan, options, its runtime)."""
+        claim_device(config)  # before any plugin code: the GPU and its memory cap are the manager's choice
         plugin = build_plugin(self.spec)
         plugin.initialize(**config)
         plugin.load_model(config)
