@@ -56,8 +56,10 @@ def _limits_text(limits: dict[str, Any]) -> str | None:
 def _request_text(request: dict[str, Any] | None) -> str | None:
     if not request:
         return None
-    needs = ",".join(request["needs"]) or request["level"]
-    return f"{needs} ({request['level']}: {'granted' if request['granted'] else 'not granted'})"
+    state = "granted" if request["granted"] else "not granted"
+    if not request["needs"]:  # a register(trust=...) request
+        return f"trust {request['level']} ({state})"
+    return f"{','.join(request['needs'])} ({request['level']}: {state})"
 
 
 def cmd_plugins(pm: PluginManager, args: argparse.Namespace) -> int:
