@@ -252,13 +252,21 @@ def expert_bytes(config: Any, scheme: str) -> int:
     """Bytes of every routed expert of a GLM config in ``scheme`` (what :class:`QuantizedExperts` allocates)."""
     e, h, i = int(config.n_routed_experts), int(config.hidden_size), int(config.moe_intermediate_size)
     sparse = sum(1 for kind in _layer_kinds(config) if kind == "sparse")
-    total = 0
-    for n, k in ((2 * i, h), (h, i)):
-        if scheme == "int8":
-            total += e * n * (k + 4)
-        else:
-            total += e * n * (k // 2 + 4 * (k // int4_group_size(k)))
-    return sparse * total
+    per_layer = 0
+    for name, shape in (("gate_up_proj", (e, 2 * i, h)), ("down_proj", (e, h, i))):
+        sizes = expert_parameter_bytes(f"mlp.experts.{name}", shape)
+        assert sizes is not None
+        per_layer += sizes[scheme]
+    return sparse * per_layer
+
+
+def expert_parameter_bytes(name: str, shape: tuple[int, ...]) -> dict[str, int] | None:
+    """Bytes :class:`QuantizedExperts` stores for a fused expert parameter of the model (``gate_up_proj``
+    (E, 2I, H) or ``down_proj`` (E, H, I)) per scheme; None for every other parameter. For the memory plan."""
+    if not re.search(r"(?:^|\.)mlp\.experts\.(gate_up_proj|down_proj)$", name) or len(shape) != 3:
+        return None
+    e, n, k = shape
+    return {"int8": e * n * (k + 4), "int4": e * n * (k // 2 + 4 * (k // int4_group_size(k)))}
 
 
 def _layer_kinds(config: Any) -> list[str]:
