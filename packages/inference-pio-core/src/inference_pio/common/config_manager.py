@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from inference_pio.common.memory import DeviceMemory, MemoryPlan, QuantizationSupport, host_memory, plan_memory
+from inference_pio.common.memory import (
+    DeviceMemory,
+    MemoryPlan,
+    QuantizationSupport,
+    WeightSizes,
+    host_memory,
+    plan_memory,
+)
 from inference_pio.common.metadata import GB, ModelPluginMetadata, Precision
 from inference_pio.errors import ConfigError
 
@@ -224,18 +231,18 @@ class ConfigManager:
         self,
         metadata: ModelPluginMetadata,
         config: ResolvedConfig,
-        requirements: Mapping[Precision, int] | None = None,
+        requirements: Mapping[Precision, int] | WeightSizes | None = None,
         *,
         probe: Callable[[str], DeviceMemory] | None = None,
         quantization_support: QuantizationSupport | None = None,
     ) -> MemoryPlan:
-        """Pick dtype and quantization for ``metadata`` on ``config['device']`` (already resolved, not 'auto');
-        ``probe`` measures the device's free memory (see :meth:`probe`), ``quantization_support`` says where
-        bitsandbytes works (default: found from what is installed)."""
-        memory = self.probe(config["device"], probe)
+        """Pick dtype, quantization and device(s) for ``metadata`` on ``config['device']`` (already resolved, not
+        'auto'; several GPUs as 'cuda:0,cuda:1'); ``probe`` measures each device's free memory (see :meth:`probe`),
+        ``quantization_support`` says where bitsandbytes works (default: found from what is installed)."""
+        memory = [self.probe(device.strip(), probe) for device in str(config["device"]).split(",")]
         return plan_memory(
             metadata.name,
-            requirements or metadata.memory_requirements,
+            metadata.memory_requirements if requirements is None else requirements,
             memory,
             dtype=config["dtype"],
             quantization=config["quantization"],

@@ -110,7 +110,7 @@ class BuiltinConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    device: str = Field(default="auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?|cuda:\d+(,cuda:\d+)+)$")
     dtype: str = Field(default="auto", pattern=r"^(auto|float32|bfloat16|float16)$")
     quantization: str = Field(default="auto", pattern=r"^(auto|none|int8|int4)$")
     model_path: str | None = None

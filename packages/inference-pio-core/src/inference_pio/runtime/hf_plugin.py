@@ -24,7 +24,7 @@ from inference_pio.common.interfaces import (
     TokenLogprob,
     Usage,
 )
-from inference_pio.common.memory import checkpoint_parameter_count, requirements_for
+from inference_pio.common.memory import WeightSizes
 from inference_pio.common.metadata import ModelPluginMetadata
 from inference_pio.errors import ContextLengthError, InvalidRequestError, ModelLoadError, PluginNotActiveError
 from inference_pio.runtime.contract import TokenStream
@@ -38,7 +38,9 @@ def from_pretrained_kwargs(plan: Any, device: str, config: Mapping[str, Any]) ->
     """The ``from_pretrained`` arguments for a memory plan on ``device``: one set for every device.
 
     ``device_map`` is always given (it needs ``accelerate``, a dependency of the runtime extra), so
-    the CPU path that tests run is the path a CUDA user runs.
+    the CPU path that tests run is the path a CUDA user runs. A plan split over GPUs becomes accelerate's
+    balanced ``device_map="auto"`` bounded by the plan's per-GPU ``max_memory`` (whole decoder layers per GPU,
+    run one GPU after the other); the device the plan chose (``plan.device``) wins over ``device``.
     """
     import transformers
 
@@ -50,14 +52,19 @@ def from_pretrained_kwargs(plan: Any, device: str, config: Mapping[str, Any]) ->
         "trust_remote_code": False,
         "revision": config.get("revision"),
         "local_files_only": bool(config.get("local_files_only")),
-        "device_map": device,
+        "device_map": getattr(plan, "device", device),
     }
+    max_memory = tuple(getattr(plan, "max_memory", ()))
+    if len(max_memory) > 1:
+        kwargs["device_map"] = "auto"
+        kwargs["max_memory"] = {int(gpu.split(":", 1)[1]): int(limit) for gpu, limit in max_memory}
     if plan.quantization != "none":
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
             load_in_8bit=plan.quantization == "int8",
             load_in_4bit=plan.quantization == "int4",
             bnb_4bit_compute_dtype=torch_dtype(plan.dtype),
             bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,  # the plan's NF4 size counts 8-bit block scales
         )
     return kwargs
 
@@ -122,7 +129,7 @@ class HFTextPlugin(TextModelPluginInterface):
         source, local = self.resolve_source(config)
         device = resolve_device(str(config.get("device", "auto")))
         resolved = ResolvedConfig({**self.settings, **config, "device": device})
-        requirements = requirements_for(checkpoint_parameter_count(local)) if local else None
+        requirements = self.weight_sizes(local) if local else None
         manager = self.config_manager or ConfigManager()
         self.memory_plan = plan = manager.plan_memory(self.metadata, resolved, requirements, probe=probe_memory)
         log.info("%s: loading %s; %s", self.metadata.name, source, plan.describe())
@@ -140,7 +147,8 @@ class HFTextPlugin(TextModelPluginInterface):
         if device.startswith("cuda"):
             fraction = config.get("gpu_memory_fraction")
             if fraction:
-                torch.cuda.set_per_process_memory_fraction(float(fraction), torch.device(device))
+                for gpu in plan.devices:
+                    torch.cuda.set_per_process_memory_fraction(float(fraction), torch.device(gpu))
         self.source = source
         self.use_model(
             model,
@@ -149,6 +157,14 @@ class HFTextPlugin(TextModelPluginInterface):
             max_queue=config.get("max_queue"),
             compile=config.get("compile"),
         )
+
+    def weight_sizes(self, directory: Path) -> WeightSizes:
+        """How the checkpoint's parameters split under 8/4-bit loading, for the memory plan: transformers'
+        bitsandbytes choice (see :func:`~inference_pio.runtime.devices.weight_sizes`). A package that quantizes
+        other weights, or leaves some to full precision, overrides this with its own ``skip_modules``/``custom``."""
+        from inference_pio.runtime.devices import weight_sizes
+
+        return weight_sizes(self.MODEL_CLASS, directory)
 
     def load_pretrained(self, cls: Any, source: str, kwargs: dict[str, Any]) -> Any:
         """Build the model: ``cls.from_pretrained(source, **kwargs)``. A model package overrides this where its
