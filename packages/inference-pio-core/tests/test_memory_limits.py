@@ -64,12 +64,14 @@ def test_gpu_access_and_its_cap_follow_the_trust_level(tmp_path: Path) -> None:
         assert (low["device"], low["visible"], low["torch_before_plugin"]) == ("cpu", "", False)
     finally:
         pm.shutdown()
-    pm = manager(tmp_path, '[limits.medium]\nmemory = "3GiB"\n[trust.plugins]\ngpu_probe = "medium"\n')
+    config = '[limits.medium]\nmemory = "3GiB"\nmemory_accounting = "address_space"\n'
+    pm = manager(tmp_path, config + '[trust.plugins]\ngpu_probe = "medium"\n')
     try:
         medium = probe(pm, "cuda")  # this CPU-only torch has no CUDA: the worker claims nothing, the plugin decides
         assert (medium["device"], medium["gpu_memory_fraction"]) == ("cuda", 0.9)
         assert medium["torch_before_plugin"] is True  # the worker looked for the GPU before building the plugin
-        assert medium["rlimit_as"] == resource.RLIM_INFINITY  # a GPU worker never gets an address-space cap
+        assert medium["rlimit_as"] == resource.RLIM_INFINITY  # a GPU worker never gets an address-space cap,
+        # not even where the level asks for one
         assert probe(pm, "auto")["rlimit_as"] == resource.RLIM_INFINITY
         cpu = probe(pm, "cpu", gpu_memory_fraction=1.0)
         assert cpu["rlimit_as"] == 3 * 2**30  # CPU workers keep the exact, immediate one

@@ -78,7 +78,7 @@ def describe_memory_accounting(limits: ResourceLimits) -> str:
     parent = cgroup_parent()
     kernel = f"a cgroup v2 memory.max below {parent}" if parent else "resident memory measured by the supervisor"
     if limits.memory_accounting == "address_space":
-        return "address space (RLIMIT_AS) on every device"
+        return f"address space (RLIMIT_AS) on cpu; on a GPU or auto still {kernel} (CUDA does not survive RLIMIT_AS)"
     if limits.memory_accounting == "resident":
         return "resident memory measured by the supervisor, on every device"
     if limits.memory_accounting == "cgroup":
@@ -217,7 +217,10 @@ class WorkerProcess:
         # moves where the supervisor and worker (which share the open file) write
         self._log = (self.workdir / "worker.log").open("a+b")
         worker = ["-I", "-m", "inference_pio.security.worker", "--in", str(to_r), "--out", str(from_w)]
-        if self.limits.memory_accounting is not None:  # configured for the level: wins over the device's default
+        # the level's setting wins over the device's default, except that a worker that may use a GPU never
+        # gets RLIMIT_AS, which CUDA does not survive
+        forced = self.limits.memory_accounting
+        if forced is not None and not (forced == "address_space" and self.memory != "address_space"):
             self.memory = memory_accounting("cpu", self.limits)
         parent = cgroup_parent() if self.memory == "cgroup" else None
         if parent is None and self.memory == "cgroup":
