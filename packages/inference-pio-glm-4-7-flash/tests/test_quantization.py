@@ -199,3 +199,14 @@ def test_streaming_reads_fused_expert_keys_and_names_missing_experts(checkpoint:
     save_file(partial, str(tmp_path / "partial.safetensors"))
     with pytest.raises(ModelLoadError, match=r"layer 2: 5\.up_proj"):
         quant.stream_experts(quant._Int8ExpertsGlm(config), [tmp_path / "partial.safetensors"], torch.float32)
+
+
+def test_transformers_block_computes_the_quantized_experts_as_the_fast_moe(quantized: Glm47FlashPlugin) -> None:
+    from transformers.models.glm4_moe_lite.modeling_glm4_moe_lite import Glm4MoeLiteMoE
+
+    block = quantized.model.model.layers[1].mlp
+    hidden = torch.randn(2, 5, quantized.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        fast = block(hidden)  # the fast MoE, reading the store through StoreView
+        reference = Glm4MoeLiteMoE.forward(block, hidden)  # transformers' block: QuantizedExperts.forward
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
