@@ -12,6 +12,7 @@ import pytest
 
 from inference_pio import PluginManager
 from inference_pio.errors import ConfigError, ResourceLimitExceeded
+from inference_pio.security.gpu import cuda_indices
 from inference_pio.security.policy import ResourceLimits, TrustLevel
 from inference_pio.security.process import CGROUP_ENV, cgroup_parent, memory_accounting
 
@@ -140,3 +141,10 @@ def test_a_cgroup_that_does_not_take_the_worker_falls_back_to_measuring(
         assert info.value.limit == "memory"
     finally:
         pm.shutdown()
+
+
+def test_the_worker_caps_every_gpu_its_device_setting_names() -> None:
+    assert cuda_indices("cuda", 3) == cuda_indices("auto", 3) == [0, 1, 2]  # a split model uses them all
+    assert cuda_indices("cuda:1", 3) == [1]
+    assert cuda_indices("cuda:2, cuda:0,cuda:2", 3) == [2, 0]  # the first listed becomes current
+    assert cuda_indices("cuda:5", 2) == [] and cuda_indices("cpu", 2) == []
