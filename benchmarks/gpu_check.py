@@ -11,11 +11,16 @@ For each model: a checkpoint with random weights of the real architecture is wri
 - fidelity: teacher-forced over 32 greedy steps of transformers' own ``generate``, our decode-step
   logits against transformers' (top-1 agreement, max relative error of the logits);
 - decode tok/s at batch 1 (128 prompt + 128 new tokens, fixed length), ours and ``generate``;
-- output tok/s with 8 and 64 concurrent requests (128 + 128) through the scheduler, and
+- output tok/s with 16 and 64 concurrent requests (128 + 128) through the scheduler, and
   ``generate`` on the same batch;
-- Qwen3-VL: time to first token for one 896x896 image + 32 text tokens (preprocessing included);
+- Qwen3-VL: time to first token for one and for four 896x896 images + 32 text tokens (preprocessing
+  included);
 - warm-up (compile and CUDA-graph capture) time and peak GPU memory;
-- GLM-4.7-Flash with int8 and int4 (bitsandbytes), where it is installed and the device is CUDA.
+- GLM-4.7-Flash decode at 128, 1k and 8k tokens of context (absorbed MLA keeps it flat);
+- GLM-4.7-Flash with int8 and int4 (bitsandbytes for the Linear layers, the package's own store for the
+  routed experts): fidelity, decode, peak memory, loaded weight bytes against the memory plan;
+- a plugin at medium trust (an isolated worker, as a pip-installed third-party plugin runs) on this
+  device: its start, its limits, and 4 concurrent streams that batch.
 
 GLM-4.7-Flash at full size is 60 GB of bf16 weights: writing and re-reading that through disk does
 not fit the time budget, so at full size its bf16 model is built on the device with random weights
@@ -72,7 +77,8 @@ class Check:
         self.dtype = torch.bfloat16 if self.cuda else torch.float32
         self.prompt_len = 128 if self.full else 32
         self.new = 128 if self.full else 16
-        self.batches = (8, 64) if self.full else (4,)
+        self.batches = (16, 64) if self.full else (4,)
+        self.contexts = (128, 1024, 8192) if self.full else (32, 256)
         self.tmp = Path(tempfile.mkdtemp(prefix="inference-pio-gpu-check-"))
         self.pm = PluginManager(environ={"INFERENCE_PIO_CONFIG": str(self.tmp / "none.toml")})
 
@@ -187,36 +193,74 @@ class Check:
         RESULT[f"{name}_logits_rel_err"] = rel
         row(name, f"fidelity, {steps} teacher-forced steps", f"top-1 {agree:.3f}, rel err {rel:.2e}", "reference")
 
-    def decode(self, name: str, plugin: Any, tag: str = "") -> None:
-        ids = self.random_ids(plugin.engine.vocab_size, self.prompt_len, 2)
+    def decode(self, name: str, plugin: Any, tag: str = "", prompt_len: int | None = None) -> float:
+        """Batch-1 decode tok/s, ours and ``generate``: (time for 1 + n new tokens - time for 1) / n, so
+        prefill is not counted: the clock runs from the first new token to the last, on both sides (our
+        stream's tokens; a streamer's ``put`` calls for ``generate``). Returns our rate."""
+        prompt_len = prompt_len or self.prompt_len
+        ids = self.random_ids(plugin.engine.vocab_size, prompt_len, 2)
         model = plugin.model
+        n = self.new + 1
 
-        def ours(n: int) -> None:
-            params = GenerationParams(max_new_tokens=n, ignore_eos=True)
-            for _ in plugin.scheduler.submit(Prompt(list(ids)), params):
+        def ours() -> list[float]:
+            stamps = []
+            for _ in plugin.scheduler.submit(Prompt(list(ids)), GenerationParams(max_new_tokens=n, ignore_eos=True)):
+                self.sync()
+                stamps.append(time.perf_counter())
+            return stamps
+
+        class Stamps:
+            """A transformers streamer that only notes when each new token arrives."""
+
+            def __init__(self) -> None:
+                self.times: list[float] = []
+
+            def put(self, value: Any) -> None:
+                self.times.append(time.perf_counter())
+
+            def end(self) -> None:
                 pass
 
-        def theirs(n: int) -> None:
+        def theirs() -> list[float]:
             x = torch.tensor([ids], device=plugin.engine.device)
+            streamer = Stamps()
             with torch.inference_mode():
                 model.generate(
-                    input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False
+                    input_ids=x,
+                    attention_mask=torch.ones_like(x),
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    streamer=streamer,
                 )
+            return streamer.times[1:]  # the first put is the prompt
 
         rates = {}
         for side, fn in (("ours", ours), ("transformers", theirs)):
-            fn(2)
-            t1 = self.timed(lambda fn=fn: fn(1))
-            tn = self.timed(lambda fn=fn: fn(self.new + 1))
-            rates[side] = self.new / (tn - t1)
-            RESULT[f"{name}{tag}_{side}_prefill_ms"] = t1 * 1e3
+            fn()  # warm-up (this prompt length's prefill)
+            spans = []
+            for _ in range(3):
+                stamps = fn()
+                spans.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
+            rates[side] = 1 / statistics.median(spans)
         RESULT[f"{name}{tag}_decode_tok_s"] = rates
         row(
             name + tag,
-            f"decode batch 1, {self.prompt_len}+{self.new}",
+            f"decode batch 1, {prompt_len}+{self.new}",
             f"{rates['ours']:.1f} tok/s",
             f"{rates['transformers']:.1f} tok/s ({rates['ours'] / rates['transformers']:.2f}x)",
         )
+        return rates["ours"]
+
+    def context_scaling(self, name: str, plugin: Any) -> None:
+        """Decode speed at growing context (absorbed MLA should keep it flat: the issue's target is 8k
+        within 15 % of 128), one slot with a cache long enough for the longest context."""
+        longest = max(self.contexts) + self.new + 8
+        plugin.use_model(plugin.model, max_context=longest, max_batch_size=1)
+        rates = {ctx: self.decode(name, plugin, tag=f"_ctx{ctx}", prompt_len=ctx) for ctx in self.contexts}
+        short, long = rates[min(self.contexts)], rates[max(self.contexts)]
+        RESULT[f"{name}_context_slowdown"] = 1 - long / short
+        row(name, f"decode at {max(self.contexts)} vs {min(self.contexts)} context", f"{long / short:.2f}x", "-")
 
     def concurrent(self, name: str, plugin: Any, batch: int) -> None:
         prompts = [self.random_ids(plugin.engine.vocab_size, self.prompt_len, 10 + i) for i in range(batch)]
@@ -251,14 +295,18 @@ class Check:
             f"{out / t_theirs:.0f} out tok/s ({t_theirs / t_ours:.2f}x)",
         )
 
-    def image_ttft(self, plugin: Any) -> None:
+    def image_ttft(self, plugin: Any, count: int = 1) -> None:
         from PIL import Image
 
         side = 896 if self.full else 64
-        pixels = torch.randint(0, 255, (side, side, 3), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
-        image = Image.fromarray(pixels.numpy())
+        images = []
+        for i in range(count):
+            gen = torch.Generator().manual_seed(3 + i)
+            pixels = torch.randint(0, 255, (side, side, 3), generator=gen, dtype=torch.uint8)
+            images.append(Image.fromarray(pixels.numpy()))
         words = " ".join(["word"] * 32)
-        messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": words}]}]
+        content: list[dict[str, Any]] = [{"type": "image", "image": image} for image in images]
+        messages = [{"role": "user", "content": [*content, {"type": "text", "text": words}]}]
         params = GenerationParams(max_new_tokens=1)
 
         def ours() -> None:
@@ -270,7 +318,7 @@ class Check:
         prompt = plugin.prepare_chat(messages, {})
 
         def theirs() -> None:
-            inputs = dict(processor(images=[image], return_tensors="pt"))
+            inputs = dict(processor(images=images, return_tensors="pt"))
             ids = torch.tensor([prompt.ids], device=plugin.engine.device)
             with torch.inference_mode():
                 plugin.model.generate(
@@ -286,13 +334,24 @@ class Check:
         ours()
         theirs()
         t_ours, t_theirs = self.timed(ours), self.timed(theirs)
-        RESULT["qwen_image_ttft_ms"] = {"ours": t_ours * 1e3, "transformers": t_theirs * 1e3, "side": side}
+        key = "qwen_image_ttft_ms" if count == 1 else f"qwen_{count}_images_ttft_ms"
+        RESULT[key] = {"ours": t_ours * 1e3, "transformers": t_theirs * 1e3, "side": side}
         row(
             "qwen3_vl_2b",
-            f"TTFT, {side}x{side} image + 32 words",
+            f"TTFT, {count} x {side}x{side} image{'s' if count > 1 else ''} + 32 words",
             f"{t_ours * 1e3:.1f} ms",
             f"{t_theirs * 1e3:.1f} ms",
         )
+
+    def weights(self, name: str, plugin: Any) -> None:
+        """The loaded weights' bytes against the memory plan's (the plan decides what fits)."""
+        model = plugin.model
+        tensors = [*model.parameters(), *model.buffers()]
+        measured = sum(t.numel() * t.element_size() for t in tensors)
+        planned = plugin.memory_plan.weight_bytes
+        RESULT[f"{name}_weight_gb"] = {"measured": measured / 1e9, "plan": planned / 1e9}
+        unit, scale = ("GB", 1e9) if planned > 1e9 else ("MB", 1e6)
+        row(name, "weights measured vs plan", f"{measured / scale:.2f} {unit}", f"plan {planned / scale:.2f} {unit}")
 
     def memory(self, name: str) -> None:
         peak = self.peak_gib()
@@ -310,6 +369,7 @@ class Check:
             if self.left() > 60:
                 self.concurrent("qwen3_vl_2b", plugin, batch)
         self.image_ttft(plugin)
+        self.image_ttft(plugin, count=4)
         self.memory("qwen3_vl_2b")
         self.pm.deactivate_plugin("qwen3_vl_2b")
         self.free()
@@ -343,15 +403,14 @@ class Check:
             if self.left() > 60:
                 self.concurrent("glm_4_7_flash", plugin, batch)
         self.memory("glm_4_7_flash")
+        if self.left() > 120:
+            self.context_scaling("glm_4_7_flash", plugin)
         self.pm.deactivate_plugin("glm_4_7_flash")
         del plugin
         self.free()
 
     def glm_quantized(self) -> None:
-        if not self.cuda:
-            RESULT["glm_quantized"] = "skipped: bitsandbytes quantization is loaded on CUDA only"
-            log(RESULT["glm_quantized"])
-            return
+        """int8 and int4: bitsandbytes for the Linear layers, the GLM package's own store for the experts."""
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
@@ -369,9 +428,59 @@ class Check:
             self.fidelity(name, plugin)
             self.decode(name, plugin)
             self.memory(name)
+            self.weights(name, plugin)
             self.pm.deactivate_plugin("glm_4_7_flash")
             del plugin
             self.free()
+
+    def isolated(self) -> None:
+        """A plugin at medium trust, the default of a pip-installed third-party plugin: a worker process under
+        the level's limits (memory that CUDA tolerates, a GPU memory cap) on this device, serving 4
+        concurrent streams that must batch: every stream's first token before any stream ends."""
+        import importlib
+        import threading
+
+        testing = importlib.import_module("inference_pio_qwen3_vl_2b.testing")
+        path = Path(testing.make_tiny_checkpoint(self.tmp / "isolated-qwen"))
+        config = self.tmp / "isolated.toml"
+        config.write_text(f'[trust]\nmodel_dirs = ["{self.tmp}"]\n\n[trust.plugins]\nqwen3_vl_2b = "medium"\n')
+        pm = PluginManager(environ={"INFERENCE_PIO_CONFIG": str(config)})
+        try:
+            start = time.perf_counter()
+            plugin = pm.activate_plugin(
+                "qwen3_vl_2b", device=self.device, model_path=str(path), max_context=512, max_batch_size=4
+            )
+            started = time.perf_counter() - start
+            times: dict[int, tuple[float, float]] = {}
+
+            def consume(i: int) -> None:
+                t0, first = time.perf_counter(), None
+                for _ in plugin.stream_text(f"request {i}: " + "word " * 8, max_new_tokens=48, ignore_eos=True):
+                    first = first or time.perf_counter() - t0
+                times[i] = (first or 0.0, time.perf_counter() - t0)
+
+            threads = [threading.Thread(target=consume, args=(i,)) for i in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            batched = max(first for first, _ in times.values()) < min(end for _, end in times.values())
+            RESULT["isolated_medium"] = {
+                "started_s": started,
+                "plan": plugin.memory_plan.describe() if plugin.memory_plan else None,
+                "limits": plugin.limits.describe(),
+                "first_token_s": [times[i][0] for i in range(4)],
+                "end_s": [times[i][1] for i in range(4)],
+                "all_first_before_any_end": batched,
+            }
+            row(
+                "third-party (medium trust)",
+                f"isolated worker on {self.device}, 4 concurrent",
+                f"started in {started:.1f} s, batched: {batched}",
+                "-",
+            )
+        finally:
+            pm.shutdown()
 
 
 def machine(device: str) -> str:
@@ -388,7 +497,7 @@ def main() -> int:
     ap.add_argument("--size", choices=["full", "tiny"], default="full")
     ap.add_argument("--budget", type=float, default=450.0, help="seconds; later sections are skipped past it")
     ap.add_argument("--glm-quant-layers", type=int, default=6, help="layers of the full-size quantized GLM checks")
-    ap.add_argument("--only", choices=["qwen", "glm", "glm_quantized"], action="append")
+    ap.add_argument("--only", choices=["qwen", "glm", "glm_quantized", "isolated"], action="append")
     ap.add_argument("--json")
     args = ap.parse_args()
     import transformers
@@ -402,7 +511,7 @@ def main() -> int:
     check = Check(args)
     failed = False
     try:
-        for section in args.only or ["qwen", "glm", "glm_quantized"]:
+        for section in args.only or ["qwen", "isolated", "glm", "glm_quantized"]:
             if check.left() < 60:
                 RESULT[section] = "skipped: out of time budget"
                 log(f"{section}: skipped, out of time budget")

@@ -31,6 +31,15 @@ def test_gpu_check_runs_on_cpu_with_tiny_checkpoints(tmp_path: Path) -> None:
         assert rates["ours"] > 0 and rates["transformers"] > 0
         assert result[f"{model}_batch4_out_tok_s"]["ours"] > 0
     assert result["qwen_image_ttft_ms"]["ours"] > 0
-    assert result["glm_quantized"].startswith("skipped")  # bitsandbytes loads on CUDA only
+    assert result["qwen_4_images_ttft_ms"]["ours"] > 0
+    assert set(result["glm_4_7_flash_ctx256_decode_tok_s"]) == {"ours", "transformers"}
+    assert "glm_4_7_flash_context_slowdown" in result
+    for quant in ("int8", "int4"):  # bitsandbytes (CPU backend) for the Linear layers, our store for the experts
+        assert result[f"glm_4_7_flash_{quant}_top1_agreement"] == 1.0  # the same quantized weights on both sides
+        weights = result[f"glm_4_7_flash_{quant}_weight_gb"]
+        assert weights["measured"] > 0 and weights["plan"] > 0
+    isolated = result["isolated_medium"]  # a medium-trust plugin in its worker, 4 concurrent streams
+    assert isolated["all_first_before_any_end"], isolated
+    assert isolated["limits"]
     assert "| model | what | inference-pio | transformers |" in proc.stdout
     assert set(Path(tempfile.gettempdir()).glob("inference-pio-gpu-check-*")) == before  # checkpoints removed
