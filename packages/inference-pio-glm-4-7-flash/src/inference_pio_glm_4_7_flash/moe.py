@@ -38,9 +38,6 @@ log = logging.getLogger("inference_pio.glm_4_7_flash")
 Path = Literal["auto", "gather", "grouped"]
 PATHS: tuple[str, ...] = ("auto", "gather", "grouped")
 
-GATHER_MAX_PAIRS_CPU = 8
-"""``auto`` on CPU gathers while tokens x experts-per-token is at most this (measured, see the README)."""
-
 
 @runtime_checkable
 class ExpertWeights(Protocol):
@@ -171,14 +168,24 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> tor
 def experts_gather(
     x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, store: ExpertWeights, act: Any
 ) -> torch.Tensor:
-    """Routed output (T, H) float32: each (token, expert) pair's weights gathered, one batched GEMV each."""
+    """Routed output (T, H) float32: each (token, expert) pair's weights gathered, one batched GEMV each.
+
+    Tokens go in chunks of at most ``num_experts // k`` (a static loop) so that no more than about one
+    layer's worth of experts is materialized at once, whatever T a prefill brings.
+    """
     tokens, k = ids.shape
-    flat = ids.reshape(-1)
-    xs = x.unsqueeze(1).expand(tokens, k, x.shape[-1]).reshape(tokens * k, x.shape[-1], 1)
-    h = torch.bmm(store.gate_up(flat), xs).squeeze(-1)  # (P, 2I)
-    gate, up = h.chunk(2, dim=-1)
-    y = torch.bmm(store.down(flat), (act(gate) * up).unsqueeze(-1)).squeeze(-1)  # (P, H)
-    return (y.view(tokens, k, -1).float() * weights.unsqueeze(-1)).sum(dim=1)
+    chunk = max(1, store.num_experts // k)
+    parts = []
+    for start in range(0, tokens, chunk):
+        part_ids = ids[start : start + chunk]
+        count = part_ids.shape[0]
+        flat = part_ids.reshape(-1)
+        xs = x[start : start + chunk].unsqueeze(1).expand(count, k, x.shape[-1]).reshape(count * k, -1, 1)
+        h = torch.bmm(store.gate_up(flat), xs).squeeze(-1)  # (P, 2I)
+        gate, up = h.chunk(2, dim=-1)
+        y = torch.bmm(store.down(flat), (act(gate) * up).unsqueeze(-1)).squeeze(-1)  # (P, H)
+        parts.append((y.view(count, k, -1).float() * weights[start : start + chunk].unsqueeze(-1)).sum(dim=1))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def experts_grouped(
@@ -213,16 +220,20 @@ class FastMoE(Glm4MoeLiteMoE):  # type: ignore[misc]  # transformers is untyped 
     moe_path: str = "auto"
 
     def choose_path(self, pairs: int, device: torch.device, dtype: torch.dtype) -> str:
-        """``gather`` or ``grouped`` for ``pairs`` (tokens x experts per token), a static shape."""
+        """``gather`` or ``grouped`` for ``pairs`` (tokens x experts per token), a static shape.
+
+        Plain weights take the grouped GEMM whenever it has a kernel: it reads each used expert once where
+        gathering copies every pair's expert and reads the copy again (3x the expert bytes at batch 1, the
+        bound on a GPU); on CPU it was faster from 1 token up at the mid size (``benchmarks/bench_moe.py``)
+        and only the tiny test model, where per-op overhead dominates, gathers faster. A store that
+        materializes (dequantizes) its matrices gathers while that is fewer experts than all of them.
+        """
         if self.moe_path != "auto":
             return self.moe_path
         if not grouped_mm_supported(device, dtype):
             return "gather"
         if isinstance(self.moe_store, ParameterExperts):
-            # Plain weights: on CUDA the grouped GEMM reads each used expert once while the gather copies
-            # every pair's expert (3x the bytes at batch 1); on CPU gathering wins only for a few pairs.
-            return "grouped" if device.type == "cuda" or pairs > GATHER_MAX_PAIRS_CPU else "gather"
-        # A materializing store: gathering dequantizes P experts, ``*_all`` dequantizes all of them.
+            return "grouped"
         return "gather" if pairs < self.moe_store.num_experts else "grouped"
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
