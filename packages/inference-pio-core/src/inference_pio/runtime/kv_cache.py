@@ -60,14 +60,17 @@ class SlotLayer(CacheLayerMixin):  # type: ignore[misc]  # transformers is untyp
         assert self.keys is not None
         assert self.values is not None
         plan = self._holder.plan
-        index = (plan.rows[:, None], slice(None), plan.positions)
+        rows, positions = plan.rows, plan.positions
+        if rows.device != self.keys.device:  # a model split over GPUs: this layer's cache is on another GPU
+            rows, positions = rows.to(self.keys.device), positions.to(self.keys.device)
+        index = (rows[:, None], slice(None), positions)
         self.keys[index] = key_states.transpose(1, 2).to(self.keys.dtype)
         self.values[index] = value_states.transpose(1, 2).to(self.values.dtype)
         view = plan.view or self.max_len
         keys, values = self.keys.narrow(2, 0, view), self.values.narrow(2, 0, view)
         if plan.all_rows:
             return keys, values
-        return keys[plan.rows], values[plan.rows]
+        return keys[rows], values[rows]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.max_len, 0
