@@ -75,7 +75,10 @@ def server(wheels: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) ->
     plugins.mkdir()
     (plugins / "slow.py").write_text(SLOW_PLUGIN)
     config = root / "config.toml"
-    config.write_text('[server]\nmodels = ["echo", "slow"]\n[limits.low]\nwall_seconds = 30\n')
+    config.write_text(
+        '[server]\nmodels = ["echo", "slow"]\n[limits.low]\nwall_seconds = 30\n'
+        "[plugins.slow]\nmax_batch_size = 1\nmax_queue = 0\n"  # its worker takes 1 + 0 + 8 requests in flight
+    )
     proc = ServerProcess(
         config, python=str(venv.bin / "python"), global_args=("--plugins-dir", str(plugins)), env=venv.env
     )
@@ -151,12 +154,12 @@ def test_torch_free_server_answers_429_when_the_queue_is_full(server: ServerProc
         timeout=60,
     ) as holder:
         lines = holder.iter_lines()
-        next(lines)  # the worker is ours until this stream ends
+        next(lines)  # one request in flight in the worker until this stream ends
 
         def one() -> None:
-            statuses.append(chat(server, {"model": "slow", "messages": [{"role": "user", "content": "0"}]}).status_code)
+            statuses.append(chat(server, {"model": "slow", "messages": [{"role": "user", "content": "2"}]}).status_code)
 
-        threads = [threading.Thread(target=one) for _ in range(10)]  # 8 may wait, the rest are refused
+        threads = [threading.Thread(target=one) for _ in range(10)]  # 8 more fit in flight, the rest are refused
         for t in threads:
             t.start()
         for t in threads:
