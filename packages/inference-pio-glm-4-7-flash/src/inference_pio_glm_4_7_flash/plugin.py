@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 from inference_pio.common.interfaces import PluginOptions
+from inference_pio.common.memory import WeightSizes
 from inference_pio.common.metadata import ModelPluginMetadata
 from inference_pio.parsers import ReasoningParser, ToolCallParser
 from inference_pio.runtime.hf_plugin import HFTextPlugin
@@ -61,6 +63,18 @@ class Glm47FlashPlugin(HFTextPlugin):
         else:
             moe.uninstall_fast_moe(model)
         super().use_model(model, **kwargs)
+
+    def weight_sizes(self, directory: Path) -> WeightSizes:
+        """For the memory plan: the routed experts in :mod:`.quant`'s int8/int4 formats, and the linear layers
+        bitsandbytes keeps in float for GLM (:func:`.quant.bnb_skip_modules`)."""
+        import transformers
+
+        from inference_pio.runtime.devices import weight_sizes
+        from inference_pio_glm_4_7_flash import quant
+
+        config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        skip = quant.bnb_skip_modules(config)
+        return weight_sizes(self.MODEL_CLASS, directory, skip_modules=skip, custom=quant.expert_parameter_bytes)
 
     def load_pretrained(self, cls: Any, source: str, kwargs: dict[str, Any]) -> Any:
         """With int8/int4 weights the routed experts are quantized too, streamed from the checkpoint

@@ -56,7 +56,7 @@ INT4_GROUP = 64
 """Weights per int4 scale/low pair along K (GLM-4.7-Flash's K are 2048 and 1536, multiples of it)."""
 BNB_CPU_BLOCK_N = 32
 """bitsandbytes' CPU 4-bit kernel (CPUs with AVX512-BF16) packs 32 output rows per block and asserts
-``out_features % 32 == 0`` ("N must be divisible by block_n"); such layers stay unquantized on the CPU."""
+``out_features % 32 == 0`` ("N must be divisible by block_n"); such layers stay unquantized."""
 
 _EXPERT_KEY = re.compile(
     r"(?:^|\.)layers\.(\d+)\.mlp\.experts\.(?:(\d+)\.(gate|up|down)_proj\.weight|(gate_up_proj|down_proj))$"
@@ -382,29 +382,31 @@ def stream_experts(model: torch.nn.Module, files: Iterable[Path], dtype: torch.d
     return count
 
 
-def bnb_skip_modules(config: Any, device: str, scheme: str) -> list[str]:
-    """Modules bitsandbytes must leave in full precision for GLM on ``device``.
+def bnb_skip_modules(config: Any) -> list[str]:
+    """Modules bitsandbytes must leave in full precision for GLM (``llm_int8_skip_modules``; the memory plan
+    counts the same, see ``Glm47FlashPlugin.weight_sizes``).
 
-    ``lm_head`` (transformers' default), ``kv_b_proj`` (its input is 4-D, which bitsandbytes' CPU int8
-    path rejects with a shape error, and absorbed MLA needs its per-head blocks in float), and on the CPU
-    with int4 every linear layer whose output size is not a multiple of :data:`BNB_CPU_BLOCK_N`.
+    ``lm_head`` (transformers' default), ``kv_b_proj`` (its input is 4-D, which bitsandbytes' CPU int8 path
+    rejects with a shape error, and absorbed MLA needs its per-head blocks in float), and every linear layer
+    whose output size is not a multiple of :data:`BNB_CPU_BLOCK_N` (bitsandbytes' CPU 4-bit kernel). The
+    last rule holds on every device and scheme so that plan and load agree everywhere; GLM-4.7-Flash's own
+    layers are all aligned, so it only keeps small test models' odd layers in float.
     """
     skip = ["lm_head", "kv_b_proj"]
-    if device.startswith("cpu") and scheme == "int4":
-        outputs = {
-            "q_a_proj": config.q_lora_rank,
-            "q_b_proj": config.num_attention_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim),
-            "q_proj": config.num_attention_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim),
-            "kv_a_proj_with_mqa": config.kv_lora_rank + config.qk_rope_head_dim,
-            "o_proj": config.hidden_size,
-            "shared_experts.gate_proj": config.moe_intermediate_size * config.n_shared_experts,
-            "shared_experts.up_proj": config.moe_intermediate_size * config.n_shared_experts,
-            "shared_experts.down_proj": config.hidden_size,
-            "mlp.gate_proj": config.intermediate_size,
-            "mlp.up_proj": config.intermediate_size,
-            "mlp.down_proj": config.hidden_size,
-        }
-        skip += [name for name, size in outputs.items() if size is not None and int(size) % BNB_CPU_BLOCK_N]
+    outputs = {
+        "q_a_proj": config.q_lora_rank,
+        "q_b_proj": config.num_attention_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim),
+        "q_proj": config.num_attention_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim),
+        "kv_a_proj_with_mqa": config.kv_lora_rank + config.qk_rope_head_dim,
+        "o_proj": config.hidden_size,
+        "shared_experts.gate_proj": config.moe_intermediate_size * config.n_shared_experts,
+        "shared_experts.up_proj": config.moe_intermediate_size * config.n_shared_experts,
+        "shared_experts.down_proj": config.hidden_size,
+        "mlp.gate_proj": config.intermediate_size,
+        "mlp.up_proj": config.intermediate_size,
+        "mlp.down_proj": config.hidden_size,
+    }
+    skip += [name for name, size in outputs.items() if size is not None and int(size) % BNB_CPU_BLOCK_N]
     return skip
 
 
@@ -416,13 +418,12 @@ def load_quantized(source: str, kwargs: Mapping[str, Any], scheme: str) -> Any:
     if scheme not in SCHEMES:
         raise ValueError(f"expert quantization must be one of {', '.join(SCHEMES)}, got {scheme!r}")
     kwargs = dict(kwargs)
-    device = str(kwargs.get("device_map", "cpu"))
     config = transformers.AutoConfig.from_pretrained(
         source, revision=kwargs.get("revision"), local_files_only=bool(kwargs.get("local_files_only"))
     )
     bnb = kwargs.get("quantization_config")
     if bnb is not None:
-        skip = {*(bnb.llm_int8_skip_modules or []), *bnb_skip_modules(config, device, scheme)}
+        skip = {*(bnb.llm_int8_skip_modules or []), *bnb_skip_modules(config)}
         bnb.llm_int8_skip_modules = sorted(skip)
     cls = _Int8ExpertsGlm if scheme == "int8" else _Int4ExpertsGlm
     model = cls.from_pretrained(source, **kwargs)
