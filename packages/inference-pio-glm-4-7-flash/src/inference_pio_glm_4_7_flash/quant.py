@@ -436,11 +436,10 @@ def load_quantized(source: str, kwargs: Mapping[str, Any], scheme: str) -> Any:
 
 
 def _attach_stores(model: torch.nn.Module) -> None:
-    """Point each MoE block's fast path at its quantized store (see :func:`moe.set_expert_weights`)."""
-    try:
-        from inference_pio_glm_4_7_flash import moe
-    except ImportError:  # the fast MoE is not there: transformers' block calls QuantizedExperts.forward
-        return
+    """Point each MoE block's fast path at its quantized store (see :func:`moe.set_expert_weights`); with the
+    fast MoE switched off, transformers' block calls :meth:`QuantizedExperts.forward` instead."""
+    from inference_pio_glm_4_7_flash import moe
+
     for layer in model.model.layers:
         if isinstance(layer.mlp, Glm4MoeLiteMoE) and isinstance(layer.mlp.experts, QuantizedExperts):
             moe.set_expert_weights(layer.mlp, StoreView(layer.mlp.experts))
