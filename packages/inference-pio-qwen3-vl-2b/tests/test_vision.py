@@ -213,8 +213,24 @@ def test_greedy_tokens_match_transformers(plugin: Qwen3VL2BPlugin, checkpoint: P
     expected = reference_generate(plugin, checkpoint, images)
     assert len(expected) == STEPS
     assert ours(plugin, images) == expected
-    for layer in plugin.model.model.language_model.layers:  # the DeepStack hooks are gone after the prefill
-        assert not layer._forward_hooks
+    language_model = plugin.model.model.language_model
+    for module in (language_model, *language_model.layers):  # the DeepStack hooks are gone after the prefill
+        assert not module._forward_hooks
+
+
+def test_a_failed_prefill_leaves_no_deepstack_hooks(plugin: Qwen3VL2BPlugin, monkeypatch: Any) -> None:
+    language_model = plugin.model.model.language_model
+    prompt = plugin.prepare_chat(chat([noise(3, (64, 64))]), {})
+
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("out of memory, say")
+
+    monkeypatch.setattr(language_model.layers[0].mlp, "forward", fail)  # before the DeepStack hook runs
+    with plugin.engine.lock, pytest.raises(RuntimeError, match="out of memory"):
+        plugin.engine.prefill(0, prompt)
+    plugin.engine.release_slot(0)
+    assert not language_model._forward_hooks
+    assert not any(layer._forward_hooks for layer in language_model.layers)
 
 
 @pytest.mark.parametrize("case", list(IMAGE_SETS))

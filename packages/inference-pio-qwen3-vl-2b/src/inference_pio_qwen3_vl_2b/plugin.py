@@ -167,7 +167,7 @@ class Qwen3VL2BPlugin(HFTextPlugin):
             path = self.vision_path
             source: Any = prepared if pixel_values is None else pixel_values
             positions = [i for i, token in enumerate(ids) if token == self.image_pad_id]
-            encoding = ImageEncoding(path.vision, path.deepstack, path.preprocessor, source, grids, positions)
+            encoding = ImageEncoding(path.vision, path.deepstack, path.preprocessor, source, grids, positions, len(ids))
             model_inputs = {"mm_encoder_outputs": encoding}
         else:
             model_inputs = {

@@ -314,31 +314,41 @@ def _sdpa_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, images: int
 # -- into the language model --------------------------------------------------------------------------------
 class DeepStack:
     """Adds DeepStack features to the hidden states after the first decoder layers, in place, during one
-    prefill (forward hooks, registered by :meth:`arm` and removed after the last of those layers)."""
+    prefill: forward hooks registered by :meth:`arm` and removed after the last of those layers, or when the
+    language model's forward ends in any way (so a failed prefill leaves nothing behind)."""
 
-    def __init__(self, layers: Sequence[torch.nn.Module]) -> None:
-        self.layers = layers
+    def __init__(self, language_model: torch.nn.Module) -> None:
+        self.language_model = language_model
+        self.layers: Sequence[torch.nn.Module] = language_model.layers  # type: ignore[assignment]
         self._handles: list[Any] = []
         self._positions: torch.Tensor | None = None
         self._features: list[torch.Tensor] = []
+        self._length = 0
 
-    def arm(self, positions: torch.Tensor, features: list[torch.Tensor]) -> None:
-        self.disarm()  # a prefill that failed half-way leaves nothing behind
+    def arm(self, positions: torch.Tensor, features: list[torch.Tensor], length: int) -> None:
+        """Add ``features[i]`` at ``positions`` after layer ``i`` in the next forward over ``length`` tokens."""
+        self.disarm()
         if not features:
             return
-        self._positions, self._features = positions, features
+        self._positions, self._features, self._length = positions, features, length
         for index in range(len(features)):
             self._handles.append(self.layers[index].register_forward_hook(self._hook(index)))
+        self._handles.append(self.language_model.register_forward_hook(self._end, always_call=True))
 
     def disarm(self) -> None:
         for handle in self._handles:
             handle.remove()
-        self._handles, self._positions, self._features = [], None, []
+        self._handles, self._positions, self._features, self._length = [], None, [], 0
+
+    def _end(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        self.disarm()
 
     def _hook(self, index: int) -> Any:
         def add(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-            if self._positions is not None:
-                output[0].index_add_(0, self._positions, self._features[index].to(output.dtype))
+            if self._positions is None or output.shape[1] != self._length:  # not the prefill it was armed for
+                self.disarm()
+                return output
+            output[0].index_add_(0, self._positions, self._features[index].to(output.dtype))
             if index == len(self._features) - 1:
                 self.disarm()
             return output
@@ -359,13 +369,16 @@ class ImageEncoding(Mapping[str, Any]):
         images: Sequence[PreparedImage] | torch.Tensor,
         grids: Sequence[tuple[int, int, int]],
         positions: list[int],
+        length: int,
     ) -> None:
+        """``positions``: where the image tokens sit in the prompt of ``length`` tokens."""
         self.vision = vision
         self.deepstack = deepstack
         self.preprocessor = preprocessor
         self.images = images
         self.grids = list(grids)
         self.positions = positions
+        self.length = length
         self._output: Any = None
 
     def __getitem__(self, key: str) -> Any:
@@ -392,7 +405,7 @@ class ImageEncoding(Mapping[str, Any]):
             pixels = self.preprocessor.patches(self.images, device, dtype)
         embeds, deepstack = self.vision(pixels, self.grids)
         positions = torch.tensor(self.positions, dtype=torch.long).to(device, non_blocking=True)
-        self.deepstack.arm(positions, deepstack)
+        self.deepstack.arm(positions, deepstack, self.length)
         return BaseModelOutputWithDeepstackFeatures(pooler_output=(embeds,), deepstack_features=[])
 
 
@@ -403,4 +416,4 @@ class VisionPath:
     def __init__(self, model: Any, processor: Any) -> None:
         self.preprocessor = Preprocessor.create(processor) if processor is not None else None
         self.vision = FastVision(model.model.visual)
-        self.deepstack = DeepStack(model.model.language_model.layers)
+        self.deepstack = DeepStack(model.model.language_model)
