@@ -64,3 +64,18 @@ def test_full_precision_plan_matches_the_loaded_weights(checkpoint: Path, tmp_pa
         assert abs(plugin.memory_plan.weight_bytes - measured) <= TOLERANCE * measured
     finally:
         pm.shutdown()
+
+
+def test_the_published_models_quantized_requirements_are_what_the_plan_computes(tmp_path: Path) -> None:
+    """The metadata figures (used when loading from the hub, before any checkpoint is on disk) against the
+    plan's computation on the full-size architecture built on the meta device."""
+    from inference_pio_qwen3_vl_2b.metadata import METADATA
+    from inference_pio_qwen3_vl_2b.testing import full_size_config
+
+    full_size_config().save_pretrained(tmp_path)
+    sizes = weight_sizes("Qwen3VLForConditionalGeneration", tmp_path)
+    assert sizes.parameters == METADATA.parameter_count
+    for quantization in ("int8", "int4"):
+        planned = sizes.bytes_for("bfloat16", quantization)
+        assert abs(METADATA.memory_requirements[quantization] - planned) <= 0.01 * planned  # type: ignore[index]
+    assert METADATA.memory_requirements["bfloat16"] == sizes.bytes_for("bfloat16", "none")

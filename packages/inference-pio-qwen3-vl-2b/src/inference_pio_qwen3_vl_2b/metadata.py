@@ -17,7 +17,13 @@ METADATA = ModelPluginMetadata(
     modalities=("text", "image"),
     parameter_count=PARAMETERS,
     active_parameter_count=PARAMETERS,
-    memory_requirements=requirements_for(PARAMETERS),
+    memory_requirements={
+        **requirements_for(PARAMETERS),
+        # bitsandbytes quantizes the 1.81 B linear weights only; the 0.32 B of embeddings, norms and biases stay
+        # in bf16 (inference_pio.runtime.devices.weight_sizes on the full-size config; checked by a test).
+        "int8": 2_446_401_536,
+        "int4": 1_566_237_792,
+    },
     supported_devices=("cpu", "cuda"),
     supported_quantizations=("none", "int8", "int4"),
     plugin_api=">=1.0,<2",
