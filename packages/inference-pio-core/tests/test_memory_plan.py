@@ -203,3 +203,29 @@ def test_a_split_plan_survives_the_isolated_workers_json() -> None:
     plan = plan_memory("big", REQ, gpus(40, 44), supported_quantizations=QUANTS, quantization_support=BNB)
     back = MemoryPlan(**json.loads(json.dumps(dataclasses.asdict(plan))))
     assert back == plan and back.describe() == plan.describe()
+
+
+def test_device_settings_name_gpus_as_the_plan_reads_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from inference_pio.runtime.devices import resolve_device, resolve_devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_devices("auto") == ("cpu",)
+    with pytest.raises(ConfigError, match="sees no CUDA GPU"):
+        resolve_devices("cuda:0,cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)  # a simulated 3-GPU machine
+    assert resolve_devices("auto") == resolve_devices("cuda") == ("cuda:0", "cuda:1", "cuda:2")
+    assert resolve_devices("cuda:2, cuda:0,cuda:2") == ("cuda:2", "cuda:0")
+    assert resolve_device("cuda:1") == "cuda:1" and resolve_device("cuda") == "cuda:0,cuda:1,cuda:2"
+    with pytest.raises(ConfigError, match=r"'cuda:5' does not exist: this machine has 3 CUDA device\(s\)"):
+        resolve_devices("cuda:0,cuda:5")
+    with pytest.raises(ConfigError, match=r"'cpu' is not cuda:N"):
+        resolve_devices("cuda:0,cpu")
+    from inference_pio import ConfigManager
+
+    cm = ConfigManager(environ={"INFERENCE_PIO_CONFIG": "/nonexistent"})
+    assert cm.resolve("x", {}, {"device": "cuda:0,cuda:2"})["device"] == "cuda:0,cuda:2"
+    with pytest.raises(ConfigError, match="invalid configuration value device='cuda:0,'"):
+        cm.resolve("x", {}, {"device": "cuda:0,"})
