@@ -144,6 +144,10 @@ def test_memory_plan_options_and_runtime_stats_cross_from_the_worker(plugin: Any
     assert info.value.param == "style"
     stats = plugin.scheduler.stats()
     assert (stats["slots"], stats["queued"], stats["compiled"]) == (SLOTS, 0, False)
+    chunks = list(plugin.stream_chat(chat(1), max_new_tokens=4, ignore_eos=True, logprobs=2))
+    entries = [e for c in chunks for e in c.logprobs]  # logprobs cross the pipe with their chunks
+    assert len(entries) == 4 and all(len(e.top) == 2 and e.logprob <= 0 for e in entries)
+    assert [e.token_id for e in entries] == list(chunks[-1].token_ids)
     terse = "".join(c.text for c in plugin.stream_chat(chat(1), max_new_tokens=8, ignore_eos=True, style="terse"))
     assert terse != text_of(plugin, 1, 8)  # the option reached the worker's chat template
 

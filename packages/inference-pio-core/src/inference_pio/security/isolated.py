@@ -141,7 +141,7 @@ class _Connection:
             if "breach" in message:
                 self._breach = message["breach"]
             elif "stats" in message:
-                self.plugin.scheduler_view.update(message.get("stats"), message.get("steps") or ())
+                self.plugin._runtime.update(message.get("stats"), message.get("steps") or ())
             else:
                 self._dispatch(message)
         self._lost()
@@ -350,7 +350,7 @@ class IsolatedPlugin(TextModelPluginInterface):
         ``max_batch_size`` + ``max_queue`` (+ room for short calls) on activation. A plugin with its own
         scheduler refuses first, with its own message, as it does in process."""
         self.settings: dict[str, Any] = {}
-        self.scheduler_view = WorkerRuntime(self)
+        self._runtime = WorkerRuntime(self)
         self.scheduler: WorkerRuntime | None = None
         """The worker's runtime, when its plugin has one (``scheduler`` with ``stats()``), for the server's metrics."""
         self._options: type[PluginOptions] | None = None
@@ -378,8 +378,8 @@ class IsolatedPlugin(TextModelPluginInterface):
         plan = info.get("memory_plan")
         self.memory_plan = None if plan is None else MemoryPlan(**{k: _tuples(v) for k, v in plan.items()})
         self._options = None if info.get("options") is None else options_class(info["options"])
-        self.scheduler = self.scheduler_view if info.get("runtime") else None
-        self.scheduler_view.last = dict(info.get("stats") or {})
+        self.scheduler = self._runtime if info.get("runtime") else None
+        self._runtime.last = dict(info.get("stats") or {})
 
     def cleanup(self) -> None:
         with self._lock:
