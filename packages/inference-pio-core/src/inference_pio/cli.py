@@ -324,7 +324,11 @@ def cmd_demo(pm: PluginManager, args: argparse.Namespace) -> int:
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto | cpu | cuda (every visible GPU) | cuda:N | cuda:0,cuda:1 (default: auto)",
+    )
     p.add_argument("--model-path", help="local checkpoint directory or hub id (default: the plugin's model)")
     p.add_argument("--max-context", type=int, help="context window to allocate (prompt + new tokens)")
     p.add_argument(
