@@ -4,7 +4,8 @@
     python benchmarks/bench_moe.py --device cuda --dtype bfloat16 --sizes full --tokens 1,16,64,512 --compile
 
 Block: one MoE block (router, routed experts, shared expert) on random weights of a size preset, fed
-``T`` tokens; each of transformers' block (its default experts implementation), the fast block's
+``T`` tokens; each of transformers' block (``grouped_mm``, the experts implementation ``from_pretrained``
+picks on CPU and on the H100 alike), the fast block's
 ``gather`` and ``grouped`` paths and its ``auto`` choice runs on the same module object (the class is
 swapped in between), interleaved step by step so that load from other processes hits all alike; the
 median of ``--reps`` calls is reported, and the ratio transformers / ours. ``full`` is one layer of the
@@ -32,7 +33,7 @@ import torch
 from inference_pio.runtime.contract import Prompt
 from inference_pio.runtime.engine import DecodeEngine
 from inference_pio_glm_4_7_flash.mla import install_absorbed_mla
-from inference_pio_glm_4_7_flash.moe import FastMoE, install_fast_moe, uninstall_fast_moe
+from inference_pio_glm_4_7_flash.moe import FastMoE, install_fast_moe
 
 SIZES: dict[str, dict[str, int]] = {
     # hidden, moe intermediate, routed experts, experts per token; decode models also take layers/heads/vocab
@@ -101,6 +102,7 @@ def block_times(
     from transformers.models.glm4_moe_lite.modeling_glm4_moe_lite import Glm4MoeLiteMoE
 
     config = config_for(size, 2, 256)
+    config._experts_implementation = "grouped_mm"  # what from_pretrained picks; a bare block would loop
     torch.manual_seed(0)
     with device:
         block = Glm4MoeLiteMoE(config).to(dtype)
@@ -140,7 +142,13 @@ def block_times(
 def decode_times(
     size: str, slots: int, *, device: torch.device, dtype: torch.dtype, layers: int, reps: int, compile: bool
 ) -> dict[str, float]:
-    """Median seconds of one decode step of ``slots`` slots, transformers' MoE vs the fast MoE, same weights."""
+    """Median seconds of one decode step of ``slots`` slots, transformers' MoE vs the fast MoE, same weights.
+
+    Two copies of one model (absorbed MLA in both), one engine each, their steps alternating so that load
+    from other processes hits both alike.
+    """
+    import copy
+
     from transformers import Glm4MoeLiteForCausalLM
 
     torch.manual_seed(0)
@@ -148,30 +156,31 @@ def decode_times(
         model = Glm4MoeLiteForCausalLM._from_config(config_for(size, layers, 4096), dtype=dtype)
     model.eval()
     install_absorbed_mla(model)
-    out: dict[str, float] = {}
-    for mode, switch in (("transformers", uninstall_fast_moe), ("fast", install_fast_moe)):
-        switch(model)
-        engine = DecodeEngine(model, max_len=256, max_slots=slots, compile=compile)
+    fast = copy.deepcopy(model)
+    install_fast_moe(fast)
+    engines = {}
+    for mode, m in (("transformers", model), ("fast", fast)):
+        engine = engines[mode] = DecodeEngine(m, max_len=256, max_slots=slots, compile=compile)
         engine.warm_up()
         for slot in range(slots):
             engine.prefill(slot, Prompt(list(range(1, 33))))
-        steps = []
-        for rep in range(reps + 1):
+    steps: dict[str, list[float]] = {mode: [] for mode in engines}
+    for rep in range(reps + 1):
+        for mode, engine in engines.items():
+            if engine.lengths[0] >= 250:  # stay inside one view bucket
+                engine.lengths = [32] * slots
+                with torch.inference_mode():
+                    engine.positions.fill_(32)
             sync(device)
             start = time.perf_counter()
             engine.decode_step(list(range(slots)))
             sync(device)
             if rep:
-                steps.append(time.perf_counter() - start)
-            if engine.lengths[0] >= 250:
-                for slot in range(slots):
-                    engine.lengths[slot] = 32
-                    with torch.inference_mode():
-                        engine.positions[slot, 0] = 32
-        out[mode] = statistics.median(steps)
+                steps[mode].append(time.perf_counter() - start)
+    for engine in engines.values():
         engine.release()
-        torch._dynamo.reset()
-    return out
+    torch._dynamo.reset()
+    return {mode: statistics.median(t) for mode, t in steps.items()}
 
 
 def main() -> None:

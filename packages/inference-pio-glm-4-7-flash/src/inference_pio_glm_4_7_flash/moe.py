@@ -18,6 +18,14 @@ static-shape ways:
   CUTLASS on CUDA bf16, a native kernel on CPU). Each used expert is read once, no weight is copied.
 
 Neither has a host sync, so both compile with ``fullgraph=True`` and are captured as CUDA graphs.
+Plain weights take ``grouped`` wherever ``grouped_mm`` has a kernel (:meth:`FastMoE.choose_path` says why).
+
+The shared expert stays transformers' own MLP beside the routed computation. Fusing it as an extra,
+always-selected expert would save its three GEMM launches per layer (a few percent of a GPU decode
+step), but a grouped GEMM takes one (G, K, N) weight tensor: the shared expert's weights would have to
+live in the same allocation as the routed ones, i.e. re-laying out the model's parameters as views
+(which ``save_pretrained`` refuses as shared tensors and a later ``.to()`` silently duplicates) or
+copying the experts; and a quantized store keeps the shared expert as ``nn.Linear`` layers anyway.
 
 Expert weights are reached through :class:`ExpertWeights`, so a quantized store can feed the same
 computation (it dequantizes what the step asks for); :class:`ParameterExperts` wraps the model's own
