@@ -162,6 +162,22 @@ def test_tower_matches_transformers(
         assert torch.allclose(mine, reference, atol=1e-4, rtol=0)
 
 
+def test_varlen_failure_falls_back_to_sdpa(plugin: Qwen3VL2BPlugin, processor: Any, monkeypatch: Any) -> None:
+    """Where ``varlen_attn`` cannot run (here: a CPU, which has no flash kernel), the tower says so once and
+    attends with SDPA, giving the same outputs."""
+    monkeypatch.setattr(vision, "VARLEN_ATTN", True)
+    plain = vision.attention_kind
+    monkeypatch.setattr(vision, "attention_kind", lambda *a: "varlen" if vision.VARLEN_ATTN else plain(*a))
+    inputs = processor(images=[noise(1, (64, 64)), noise(2, (130, 40))], return_tensors="pt")
+    grids = [tuple(g) for g in inputs["image_grid_thw"].tolist()]
+    visual = plugin.model.model.visual
+    with torch.inference_mode():
+        ours, _ = FastVision(visual)(inputs["pixel_values"], grids)
+        theirs = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"], return_dict=True).pooler_output
+    assert vision.VARLEN_ATTN is False
+    assert torch.allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
 # -- the whole request --------------------------------------------------------------------------------------
 def reference_inputs(checkpoint: Path, images: list[Image.Image]) -> dict[str, Any]:
     """transformers' processor inputs for one user turn with ``images``, built as in test_fidelity."""

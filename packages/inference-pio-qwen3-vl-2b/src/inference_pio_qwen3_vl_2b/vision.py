@@ -38,6 +38,8 @@ MASK_LIMIT = 1 << 24
 SDPA call per patch count."""
 CACHE_GRIDS = 16
 """Grids whose position embeddings and rotary tables stay cached (per tower)."""
+VARLEN_ATTN = True
+"""Whether ``varlen_attn`` is used on CUDA: set to False (with a warning) the first time it fails."""
 
 
 # -- preprocessing -----------------------------------------------------------------------------------------
@@ -153,7 +155,7 @@ def attention_kind(device: torch.device, dtype: torch.dtype, lengths: Sequence[i
     """How :class:`FastVision` attends over images of ``lengths`` patches: ``varlen`` (flash over the packed
     patches), ``batched`` (one SDPA call, every image the same length), ``masked`` (one SDPA call with a
     block-diagonal mask) or ``grouped`` (one batched call per length, when the mask would be too large)."""
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and VARLEN_ATTN:
         return "varlen"
     if len(set(lengths)) == 1:
         return "batched"
@@ -266,7 +268,13 @@ class _AttentionPlan:
 
     def __init__(self, lengths: list[int], device: torch.device, dtype: torch.dtype) -> None:
         self.lengths = lengths
-        self.kind = attention_kind(device, dtype, lengths)
+        self.device = device
+        self.dtype = dtype
+        self._prepare()
+
+    def _prepare(self) -> None:
+        lengths, device = self.lengths, self.device
+        self.kind = attention_kind(device, self.dtype, lengths)
         self.mask: torch.Tensor | None = None
         self.groups: list[tuple[int, torch.Tensor]] = []  # (images, their rows) per patch count
         starts = [0]
@@ -288,7 +296,14 @@ class _AttentionPlan:
             from torch.nn.attention.varlen import varlen_attn
 
             longest = max(self.lengths)
-            return varlen_attn(q, k, v, self.cu_seqlens, self.cu_seqlens, longest, longest, scale=scale)  # type: ignore[return-value]
+            try:
+                out = varlen_attn(q, k, v, self.cu_seqlens, self.cu_seqlens, longest, longest, scale=scale)
+                return out  # type: ignore[return-value]
+            except (RuntimeError, NotImplementedError) as exc:  # e.g. a GPU without the flash kernel
+                log.warning("varlen_attn failed (%s); the vision tower uses scaled_dot_product_attention", exc)
+                global VARLEN_ATTN
+                VARLEN_ATTN = False
+                self._prepare()
         if self.kind == "batched":
             return _sdpa_batched(q, k, v, len(self.lengths), scale)
         if self.kind == "masked":
