@@ -35,7 +35,21 @@ def add_serve_parser(sub: Any) -> None:
         help="host whose http(s) image URLs may be fetched (repeatable; default: none)",
     )
     p.add_argument("--grace-seconds", type=float, help="on SIGTERM, time for in-flight requests (default 30)")
+    ray = p.add_argument_group("Ray Serve (pip install 'inference-pio-core[ray]'; [server.ray] in the config file)")
+    ray.add_argument("--ray", action="store_true", help="serve on Ray Serve: replicas behind one endpoint")
+    ray.add_argument("--address", help="Ray cluster to join (e.g. 10.0.0.5:6379 or auto; default: start a local one)")
+    ray.add_argument("--replicas", type=int, help="replicas per model (default 1)")
+    ray.add_argument("--min-replicas", type=int, help="autoscale each model between --min-replicas ...")
+    ray.add_argument("--max-replicas", type=int, help="... and --max-replicas, on ongoing requests per replica")
+    ray.add_argument(
+        "--target-ongoing-requests", type=float, help="autoscaling target per replica (default: its max batch size)"
+    )
+    ray.add_argument("--num-cpus", type=float, help="CPUs per replica (default 1)")
+    ray.add_argument("--num-gpus", type=float, help="GPUs per replica (default: from the memory plan on a GPU, else 0)")
     p.set_defaults(handler=cmd_serve)
+
+
+RAY_FLAGS = ("address", "replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "num_cpus", "num_gpus")
 
 
 def settings_from(pm: PluginManager, args: argparse.Namespace) -> tuple[ServerSettings, dict[str, Any]]:
@@ -82,6 +96,11 @@ def settings_from(pm: PluginManager, args: argparse.Namespace) -> tuple[ServerSe
 
 
 def cmd_serve(pm: PluginManager, args: argparse.Namespace) -> int:
+    given = [f"--{f.replace('_', '-')}" for f in RAY_FLAGS if getattr(args, f, None) is not None]
+    if given and not args.ray:
+        raise ConfigError(f"{', '.join(given)} configure Ray Serve: add --ray")
+    if args.ray:
+        return cmd_serve_ray(pm, args)
     try:
         import uvicorn
 
@@ -108,3 +127,25 @@ def cmd_serve(pm: PluginManager, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.Server(config).run()
     return 0
+
+
+def cmd_serve_ray(pm: PluginManager, args: argparse.Namespace) -> int:
+    """``serve --ray``: the same server as a Ray Serve application (see ``server.ray_serve``)."""
+    try:
+        from inference_pio.server import ray_serve
+    except ImportError as exc:
+        raise InferencePIOError(
+            f"serving on Ray needs its extra dependencies ({exc.name} is missing): "
+            "pip install 'inference-pio-core[serve,ray]'"
+        ) from exc
+
+    settings, net = settings_from(pm, args)
+    for model in settings.models:
+        pm.get_plugin(model.name)  # fail fast on unknown or broken plugins, before starting Ray
+    flags = {f: getattr(args, f) for f in RAY_FLAGS}
+    options = ray_serve.RayOptions.from_config(
+        pm.config_manager.section("server", "ray"), flags, str(pm.config_manager.config_file)
+    )
+    directories = list(getattr(args, "plugins_dir", []))
+    verbose = bool(getattr(args, "verbose", False))
+    return ray_serve.serve_on_ray(pm, settings, net, options, directories, verbose=verbose)
