@@ -81,8 +81,8 @@ async def serve(state: ServerState, request: Request, endpoint: Endpoint) -> Res
         error = translate(exc)
         state.metrics.requests.labels(endpoint.label, model, str(error.status)).inc()
         return error.response()
-    # Further choices start when they run: an isolated plugin serves one stream at a time, so creating
-    # them all up front would wait on the first forever.
+    # Further choices start when their turn comes, so one request never holds more of a plugin's bounded
+    # slots and queue than it is using.
     choices: list[Choice] = [lambda: first, *(functools.partial(make, i) for i in range(1, parsed.n))]
     reply = Reply(state, endpoint, model, arrived, logprobs="logprobs" in parsed.generation_params())
     if parsed.stream:
