@@ -11,10 +11,11 @@ leaves the fused experts in full precision (and, on the CPU, fails for int8: kv_
 
 Per mode: top-1 agreement with the float model at every position of ``--prompts`` random sequences of
 ``--length`` tokens (teacher-forced, one forward each), the mean relative logit error, the measured bytes of
-the loaded weights beside the memory plan's figure, the load's peak (CUDA: ``max_memory_allocated``; CPU:
-the process's anonymous resident memory, sampled) above what was there before, and decode tokens/s at batch 1
-through the runtime (the same ``DecodeEngine`` for every mode; compiled on CUDA). Random weights: top-1
-agreement of a random model is a lower bound (its logits are closer together than a trained model's).
+the loaded weights beside the plugin's memory plan figure (the plan is for "ours"), the load's peak (CUDA:
+``max_memory_allocated``; CPU: the process's anonymous resident memory, sampled) above what was there before,
+and decode tokens/s at batch 1 through the runtime (the same ``DecodeEngine`` for every mode; compiled on
+CUDA). Random weights: top-1 agreement of a random model is a lower bound (its logits are closer together
+than a trained model's).
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `import inference_pio`
 
 import torch
 
-from inference_pio.common.memory import MemoryPlan, checkpoint_parameter_count, requirements_for
+from inference_pio.common.memory import MemoryPlan, checkpoint_parameter_count
 from inference_pio.runtime.hf_plugin import from_pretrained_kwargs
-from inference_pio_glm_4_7_flash import mla, moe, quant
+from inference_pio_glm_4_7_flash import Glm47FlashPlugin, mla, moe, quant
 from inference_pio_glm_4_7_flash.testing import full_size_config, make_tiny_checkpoint
 
 GB = 1e9
@@ -196,6 +197,7 @@ def main() -> None:
             make_mid_checkpoint(path, args.layers, args.experts, args.vocab, dtype)
         config = transformers.AutoConfig.from_pretrained(path)
         count = checkpoint_parameter_count(path)
+        sizes = Glm47FlashPlugin().weight_sizes(path)  # what the plugin's memory plan counts
         generator = torch.Generator().manual_seed(0)
         batches = [
             torch.randint(0, int(config.vocab_size), (1, args.length), generator=generator) for _ in range(args.prompts)
@@ -212,7 +214,7 @@ def main() -> None:
                 "top1": 1.0,
                 "rel_err": 0.0,
                 "bytes": weight_bytes(reference),
-                "plan": requirements_for(count)[dtype_name],
+                "plan": sizes.bytes_for(dtype_name, "none"),
                 "peak": peak,
                 "tps": decode_tps(reference, device, args.tokens, compile),
             }
@@ -230,7 +232,7 @@ def main() -> None:
                         return quant.load_quantized(str(path), kwargs, scheme)
                     return transformers.Glm4MoeLiteForCausalLM.from_pretrained(path, **kwargs)
 
-                row: dict[str, Any] = {"mode": f"{scheme} {who}", "plan": requirements_for(count)[scheme]}
+                row: dict[str, Any] = {"mode": f"{scheme} {who}", "plan": sizes.bytes_for(dtype_name, scheme)}
                 try:
                     model, row["peak"] = load_peak(load, device)
                     got = logits_of(model, batches)
