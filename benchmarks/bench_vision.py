@@ -5,7 +5,7 @@
     python benchmarks/bench_vision.py --device cuda --dtype bfloat16 --size full
 
 Requests: one 896x896 image + 32 text tokens, and four such images + the same text. Measured per request,
-end to end, median of ``--reps`` after one warm-up:
+end to end, median of ``--reps`` after one warm-up, the contenders' calls interleaved:
 
 - ``ours``: ``plugin.chat_completion(..., max_new_tokens=1)`` with ``vision_fast`` on (preprocessing on the
   device, the batched tower, DeepStack added in place) — template, image planning, prefill, first token;
@@ -60,17 +60,21 @@ def sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], Any], device: str, reps: int) -> float:
-    """Median seconds of ``reps`` calls after one warm-up."""
-    fn()
+def race(fns: dict[str, Callable[[], Any]], device: str, reps: int) -> dict[str, float]:
+    """Median seconds per call of each of ``fns`` after one warm-up each, the calls interleaved (round after
+    round, the order rotating) so that a machine whose load changes slows every contender alike."""
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for name in names:
+        fns[name]()
     sync(device)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    for rep in range(reps):
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def published_processor(path: Path) -> None:
@@ -189,9 +193,15 @@ def measure(
         return plugin.chat_completion(messages, max_new_tokens=1, temperature=0)
 
     row: dict[str, Any] = {"images": len(images), "prompt_tokens": ask(fast).usage.prompt_tokens}
-    row["ours_s"] = timed(lambda: ask(fast), device, reps)
-    row["ours_vision_fast_off_s"] = timed(lambda: ask(slow), device, reps)
-    row["transformers_s"] = timed(transformers_request(fast, path, images, text), device, reps)
+    ttft = race(
+        {
+            "ours_s": lambda: ask(fast),
+            "ours_vision_fast_off_s": lambda: ask(slow),
+            "transformers_s": transformers_request(fast, path, images, text),
+        },
+        device,
+        reps,
+    )
     # the parts alone
     pre = fast.vision_path.preprocessor
     target = torch.device(device)
@@ -200,10 +210,16 @@ def measure(
         prepared = [pre.prepare(im, on_host=target.type == "cpu", pin=target.type == "cuda") for im in images]
         return pre.patches(prepared, target, dtype)
 
-    row["preprocess_ours_s"] = timed(preprocess, device, reps)
     processor = fast.image_processor
-    row["preprocess_processor_s"] = timed(lambda: processor(images=images, return_tensors="pt"), device, reps)
-    inputs = fast.image_processor(images=images, return_tensors="pt")
+    parts = race(
+        {
+            "preprocess_ours_s": preprocess,
+            "preprocess_processor_s": lambda: processor(images=images, return_tensors="pt"),
+        },
+        device,
+        reps,
+    )
+    inputs = processor(images=images, return_tensors="pt")
     pixels = inputs["pixel_values"].to(target, dtype)
     grid = inputs["image_grid_thw"].to(target)
     visual = fast.model.model.visual
@@ -211,8 +227,15 @@ def measure(
     grids = [tuple(g) for g in inputs["image_grid_thw"].tolist()]
     frames = preprocess()
     with torch.inference_mode():
-        row["tower_ours_s"] = timed(lambda: tower(frames, grids), device, reps)
-        row["tower_transformers_s"] = timed(lambda: visual(pixels, grid_thw=grid), device, reps)
+        towers = race(
+            {
+                "tower_ours_s": lambda: tower(frames, grids),
+                "tower_transformers_s": lambda: visual(pixels, grid_thw=grid),
+            },
+            device,
+            reps,
+        )
+    row.update(ttft, **parts, **towers)
     row["ttft_ratio"] = row["transformers_s"] / row["ours_s"]
     return row
 

@@ -363,7 +363,8 @@ class DeepStack:
             if self._positions is None or output.shape[1] != self._length:  # not the prefill it was armed for
                 self.disarm()
                 return output
-            output[0].index_add_(0, self._positions, self._features[index].to(output.dtype))
+            features = self._features[index].to(output.device, output.dtype)  # no-ops unless the model is split
+            output[0].index_add_(0, self._positions.to(output.device), features)
             if index == len(self._features) - 1:
                 self.disarm()
             return output
