@@ -53,6 +53,7 @@ def load(url: str, model: str, clients: int, seconds: float, max_tokens: int, wa
             "stream": True,
             "ignore_eos": True,
             "temperature": 0,
+            "stream_options": {"include_usage": True},
         }
         with httpx.Client(timeout=300) as http:
             while time.monotonic() < deadline:
@@ -69,8 +70,9 @@ def load(url: str, model: str, clients: int, seconds: float, max_tokens: int, wa
                             event = json.loads(line[6:])
                             if "error" in event:
                                 raise RuntimeError(event["error"]["message"])
-                            if event["choices"] and event["choices"][0]["delta"].get("content"):
-                                count += 1
+                            if event.get("usage"):
+                                count = event["usage"]["completion_tokens"]
+                            elif event["choices"] and event["choices"][0]["delta"].get("content"):
                                 first = first or time.monotonic()
                 except Exception as exc:
                     with lock:
@@ -108,6 +110,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=5)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-batch-size", type=int, default=8)
+    ap.add_argument("--num-cpus", type=float, help="CPUs per Ray replica (default 1: torch then runs one thread)")
     ap.add_argument("--only", choices=["plain", "ray1", "ray2"], action="append", help="run only these (repeatable)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
@@ -122,7 +125,8 @@ def main() -> None:
         f'[server]\nmodels = ["qwen3_vl_2b"]\n\n[plugins.qwen3_vl_2b]\nmodel_path = "{checkpoint}"\n'
         f'device = "cpu"\nmax_batch_size = {args.max_batch_size}\nmax_queue = 64\nmax_context = 512\n'
     )
-    runs = {"plain": (), "ray1": ("--ray", "--replicas", "1"), "ray2": ("--ray", "--replicas", "2")}
+    cpus = ("--num-cpus", str(args.num_cpus)) if args.num_cpus else ()
+    runs = {"plain": (), "ray1": ("--ray", "--replicas", "1", *cpus), "ray2": ("--ray", "--replicas", "2", *cpus)}
     results: dict[str, dict[str, Any]] = {}
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     for name, extra in runs.items():

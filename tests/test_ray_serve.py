@@ -235,6 +235,27 @@ def test_two_replicas_stream_concurrently_and_answer_as_one_process(
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5000)
 
 
+def test_a_client_that_leaves_frees_its_slot_in_the_replica(ray_server: ServerProcess) -> None:
+    body = {"model": MODEL, "prompt": "go on", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    before = sum(per_replica(ray_server, "inference_pio_replica_requests_total", 'outcome="cancelled"').values())
+    with httpx.stream("POST", f"{ray_server.url}/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        assert all(next(lines) is not None for _ in range(6))  # streaming, then the client hangs up
+    wait_for(
+        "the replica to count the cancelled stream",
+        lambda: (
+            sum(per_replica(ray_server, "inference_pio_replica_requests_total", 'outcome="cancelled"').values())
+            > before
+        ),
+        timeout=60,
+    )
+    wait_for(
+        "every decode slot free",
+        lambda: not any(per_replica(ray_server, "inference_pio_active_batch_size").values()),
+        timeout=30,
+    )
+
+
 def test_a_killed_replica_fails_only_its_own_streams_and_comes_back(ray_server: ServerProcess) -> None:
     client = client_for(ray_server, checked=False)
     before = replicas(ray_server)

@@ -414,11 +414,12 @@ class ModelReplica:
             outcome = "failed"
             yield ("error", encode_error(exc))
         finally:
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                await asyncio.shield(loop.run_in_executor(self.pool, close))
+            # Nothing awaited here: Serve may cancel a cancelled stream again, which would skip the rest.
             self.open -= 1
             self.requests.labels(self.name, outcome).inc()
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                self.pool.submit(close)  # frees the decode slot, in the background
 
     def check_health(self) -> None:
         """Ray Serve's health check: an isolated plugin whose worker ended cannot serve."""
