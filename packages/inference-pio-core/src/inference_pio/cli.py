@@ -6,6 +6,7 @@ Listing never imports torch; running imports it through the plugin's ``load_mode
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -92,6 +93,12 @@ def cmd_info(pm: PluginManager, args: argparse.Namespace) -> int:
         meta = record.metadata.model_dump()
         meta["memory_requirements_gb"] = {k: round(v / 1e9, 2) for k, v in meta.pop("memory_requirements").items()}
         info["metadata"] = meta
+    if args.plan:
+        config = {k: v for k, v in (("model_path", args.model_path), ("quantization", args.quantization)) if v}
+        plan = pm.plan_plugin(args.name, device=args.device, **config)
+        info["memory plan"] = plan.describe()
+        if args.json:
+            info["memory plan"] = {**dataclasses.asdict(plan), "summary": plan.describe()}
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return EXIT_OK
@@ -356,6 +363,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="show one plugin's metadata and status")
     p.add_argument("name")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="also show the memory plan for --device (precision, quantization, a split over GPUs); loads no weights",
+    )
+    p.add_argument("--device", default="auto", help="with --plan: auto | cpu | cuda | cuda:N | cuda:0,cuda:1")
+    p.add_argument("--model-path", help="with --plan: local checkpoint to size (default: the plugin's metadata)")
+    p.add_argument("--quantization", choices=["auto", "none", "int8", "int4"], help="with --plan")
     p = sub.add_parser("run", help="answer one prompt, streaming tokens")
     p.add_argument("name")
     p.add_argument("prompt")

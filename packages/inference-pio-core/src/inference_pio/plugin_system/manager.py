@@ -11,6 +11,7 @@ from typing import Any
 
 from inference_pio.common.config_manager import ConfigManager
 from inference_pio.common.interfaces import PLUGIN_API_VERSION, ModelPluginInterface
+from inference_pio.common.memory import MemoryPlan
 from inference_pio.common.metadata import validate_metadata
 from inference_pio.errors import (
     ConfigError,
@@ -287,6 +288,25 @@ class PluginManager:
                 raise
             record.active = True
             return plugin
+
+    def plan_plugin(self, name: str, device: str = "auto", **config: Any) -> MemoryPlan:
+        """The memory plan ``activate_plugin(name, device, **config)`` would follow, without loading weights.
+
+        Sizing a checkpoint runs the plugin's own code, so only plugins that run in this process are planned
+        here; an isolated plugin's plan is shown when it is activated (``inference-pio run`` prints it)."""
+        plugin = self.get_plugin(name)
+        record = self._records[name]
+        planner = getattr(plugin, "plan_memory", None)
+        if record.isolated or planner is None:
+            why = "runs in an isolated worker" if record.isolated else "does not plan its memory (no plan_memory)"
+            raise ConfigError(
+                f"plugin {name!r} {why}, so its memory plan is known only once it is activated: "
+                f"`inference-pio run {name} ...` prints it"
+            )
+        resolved = self.config_manager.resolve(name, plugin.default_config(), {"device": device, **config})
+        apply_trust(record, resolved.values, self.trust_policy)
+        plugin.config_manager = self.config_manager
+        return planner(resolved.values)  # type: ignore[no-any-return]
 
     def execute_plugin(self, name: str, data: Any, **kwargs: Any) -> Any:
         """Run ``infer`` on an activated plugin."""

@@ -24,7 +24,7 @@ from inference_pio.common.interfaces import (
     TokenLogprob,
     Usage,
 )
-from inference_pio.common.memory import WeightSizes
+from inference_pio.common.memory import MemoryPlan, WeightSizes
 from inference_pio.common.metadata import ModelPluginMetadata
 from inference_pio.errors import ContextLengthError, InvalidRequestError, ModelLoadError, PluginNotActiveError
 from inference_pio.runtime.contract import TokenStream
@@ -120,18 +120,9 @@ class HFTextPlugin(TextModelPluginInterface):
         unknown key is a ``ConfigError`` listing the known ones)."""
         import torch
 
-        from inference_pio.runtime.devices import probe_memory, resolve_device
-
         self.cleanup()
-        if "dtype" not in config:  # a plain dict (not resolved by the manager): defaults filled in, keys checked
-            manager = self.config_manager or ConfigManager(environ={})
-            config = manager.resolve(self.metadata.name, self.default_config(), {**self.settings, **config}).values
-        source, local = self.resolve_source(config)
-        device = resolve_device(str(config.get("device", "auto")))
-        resolved = ResolvedConfig({**self.settings, **config, "device": device})
-        requirements = self.weight_sizes(local) if local else None
-        manager = self.config_manager or ConfigManager()
-        self.memory_plan = plan = manager.plan_memory(self.metadata, resolved, requirements, probe=probe_memory)
+        config, source, device, plan = self._plan(config)
+        self.memory_plan = plan
         log.info("%s: loading %s; %s", self.metadata.name, source, plan.describe())
 
         import transformers
@@ -157,6 +148,25 @@ class HFTextPlugin(TextModelPluginInterface):
             max_queue=config.get("max_queue"),
             compile=config.get("compile"),
         )
+
+    def plan_memory(self, config: Mapping[str, Any]) -> MemoryPlan:
+        """The memory plan :meth:`load_model` would follow for ``config``, without loading any weight (the
+        model is sized on the meta device): ``inference-pio info NAME --plan`` shows it before a download."""
+        return self._plan(config)[3]
+
+    def _plan(self, config: Mapping[str, Any]) -> tuple[Mapping[str, Any], str, str, MemoryPlan]:
+        from inference_pio.runtime.devices import probe_memory, resolve_device
+
+        if "dtype" not in config:  # a plain dict (not resolved by the manager): defaults filled in, keys checked
+            manager = self.config_manager or ConfigManager(environ={})
+            config = manager.resolve(self.metadata.name, self.default_config(), {**self.settings, **config}).values
+        source, local = self.resolve_source(config)
+        device = resolve_device(str(config.get("device", "auto")))
+        resolved = ResolvedConfig({**self.settings, **config, "device": device})
+        requirements = self.weight_sizes(local) if local else None
+        manager = self.config_manager or ConfigManager()
+        plan = manager.plan_memory(self.metadata, resolved, requirements, probe=probe_memory)
+        return config, source, device, plan
 
     def weight_sizes(self, directory: Path) -> WeightSizes:
         """How the checkpoint's parameters split under 8/4-bit loading, for the memory plan: transformers'
