@@ -59,3 +59,15 @@ def test_an_isolated_plugin_is_not_planned_in_this_process(tmp_path: os.PathLike
     pm = PluginManager(environ={"INFERENCE_PIO_CONFIG": str(config)})
     with pytest.raises(ConfigError, match="isolated worker.*inference-pio run qwen3_vl_2b"):
         pm.plan_plugin("qwen3_vl_2b", device="cpu")
+
+
+def test_the_config_files_device_holds_when_the_caller_names_none(tmp_path: os.PathLike[str]) -> None:
+    from pathlib import Path
+
+    config = Path(tmp_path) / "config.toml"
+    config.write_text('[plugins.qwen3_vl_2b]\ndevice = "cpu"\n')
+    env = {"INFERENCE_PIO_CONFIG": str(config), "INFERENCE_PIO_SIMULATED_FREE_MEMORY": "64GB"}
+    pm = PluginManager(environ=env)
+    assert pm.plan_plugin("qwen3_vl_2b").device == "cpu"  # [plugins.qwen3_vl_2b] device, not the call's default
+    with pytest.raises(ConfigError, match="sees no CUDA GPU"):
+        pm.plan_plugin("qwen3_vl_2b", device="cuda")  # a caller's choice still wins

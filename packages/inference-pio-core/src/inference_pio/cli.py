@@ -148,7 +148,7 @@ def cmd_trust(pm: PluginManager, args: argparse.Namespace) -> int:
 
 def _activate(pm: PluginManager, name: str, args: argparse.Namespace, err: TextIO) -> TextModelPluginInterface:
     config = {"model_path": getattr(args, "model_path", None), "max_context": getattr(args, "max_context", None)}
-    print(f"Loading {name} on {args.device}...", file=err, flush=True)
+    print(f"Loading {name} on {args.device or 'the configured device'}...", file=err, flush=True)
     plugin = pm.activate_plugin(name, device=args.device, **{k: v for k, v in config.items() if v is not None})
     if plugin.memory_plan is not None:
         print(f"Memory plan: {plugin.memory_plan.describe()}", file=err, flush=True)
@@ -333,8 +333,7 @@ def cmd_demo(pm: PluginManager, args: argparse.Namespace) -> int:
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--device",
-        default="auto",
-        help="auto | cpu | cuda (every visible GPU) | cuda:N | cuda:0,cuda:1 (default: auto)",
+        help="auto | cpu | cuda (every visible GPU) | cuda:N | cuda:0,cuda:1 (default: the config file's, else auto)",
     )
     p.add_argument("--model-path", help="local checkpoint directory or hub id (default: the plugin's model)")
     p.add_argument("--max-context", type=int, help="context window to allocate (prompt + new tokens)")
@@ -368,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also show the memory plan for --device (precision, quantization, a split over GPUs); loads no weights",
     )
-    p.add_argument("--device", default="auto", help="with --plan: auto | cpu | cuda | cuda:N | cuda:0,cuda:1")
+    p.add_argument("--device", help="with --plan: auto | cpu | cuda | cuda:N | cuda:0,cuda:1 (default: configured)")
     p.add_argument("--model-path", help="with --plan: local checkpoint to size (default: the plugin's metadata)")
     p.add_argument("--quantization", choices=["auto", "none", "int8", "int4"], help="with --plan")
     p = sub.add_parser("run", help="answer one prompt, streaming tokens")

@@ -263,14 +263,16 @@ class PluginManager:
             self._loaded_directories[path] = names
             return names
 
-    def activate_plugin(self, name: str, device: str = "auto", **config: Any) -> ModelPluginInterface:
-        """Create, configure and load ``name`` on ``device``; other keywords are configuration (model_path=...)."""
+    def activate_plugin(self, name: str, device: str | None = None, **config: Any) -> ModelPluginInterface:
+        """Create, configure and load ``name`` on ``device``; other keywords are configuration (model_path=...).
+        ``device=None`` leaves the choice to the configuration (``[plugins.NAME] device``, its environment
+        variable), whose default is ``auto``."""
         plugin = self.get_plugin(name)
         record = self._records[name]
         with self._lock:
             if record.active:
                 self._deactivate(record)
-            resolved = self.config_manager.resolve(name, plugin.default_config(), {"device": device, **config})
+            resolved = self.config_manager.resolve(name, plugin.default_config(), _with_device(device, config))
             apply_trust(record, resolved.values, self.trust_policy)
             if not plugin.supports_config(resolved.values):
                 meta = plugin.metadata
@@ -289,7 +291,7 @@ class PluginManager:
             record.active = True
             return plugin
 
-    def plan_plugin(self, name: str, device: str = "auto", **config: Any) -> MemoryPlan:
+    def plan_plugin(self, name: str, device: str | None = None, **config: Any) -> MemoryPlan:
         """The memory plan ``activate_plugin(name, device, **config)`` would follow, without loading weights.
 
         Sizing a checkpoint runs the plugin's own code, so only plugins that run in this process are planned
@@ -303,7 +305,7 @@ class PluginManager:
                 f"plugin {name!r} {why}, so its memory plan is known only once it is activated: "
                 f"`inference-pio run {name} ...` prints it"
             )
-        resolved = self.config_manager.resolve(name, plugin.default_config(), {"device": device, **config})
+        resolved = self.config_manager.resolve(name, plugin.default_config(), _with_device(device, config))
         apply_trust(record, resolved.values, self.trust_policy)
         plugin.config_manager = self.config_manager
         return planner(resolved.values)  # type: ignore[no-any-return]
@@ -364,3 +366,8 @@ def reset_plugin_manager() -> None:
         if _manager is not None:
             _manager.shutdown()
         _manager = None
+
+
+def _with_device(device: str | None, config: Mapping[str, Any]) -> dict[str, Any]:
+    """Call-site settings: ``device`` only when the caller chose one, so the config file's stays in force."""
+    return dict(config) if device is None else {"device": device, **config}
