@@ -12,6 +12,7 @@ One job per module, in the order a request meets them:
 - ``images``: fetching ``http(s)`` image URLs from allow-listed hosts.
 - ``errors``: the one translation of exceptions into OpenAI error responses.
 - ``metrics``: Prometheus metrics; ``cli``: the ``serve`` command.
+- ``ray_serve``: the same app as a Ray Serve application (``serve --ray``: replicas, a cluster).
 
-Nothing here imports torch: a server of torch-free plugins runs without it.
+Nothing here imports torch: a server of torch-free plugins runs without it; only ``ray_serve`` imports ray.
 """
