@@ -220,3 +220,17 @@ def test_transformers_block_computes_the_quantized_experts_as_the_fast_moe(quant
         fast = block(hidden)  # the fast MoE, reading the store through StoreView
         reference = Glm4MoeLiteMoE.forward(block, hidden)  # transformers' block: QuantizedExperts.forward
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_the_published_models_quantized_requirements_are_what_the_plan_computes(tmp_path: Path) -> None:
+    """The metadata figures (used for a hub id, before any checkpoint is on disk) against the plan's own
+    computation on the full-size architecture built on the meta device: quantized experts included."""
+    from inference_pio_glm_4_7_flash.metadata import METADATA
+
+    full_size_config().save_pretrained(tmp_path)
+    sizes = Glm47FlashPlugin().weight_sizes(tmp_path)
+    assert sizes.parameters == METADATA.parameter_count
+    for quantization in ("int8", "int4"):
+        planned = sizes.bytes_for("bfloat16", quantization)
+        assert abs(METADATA.memory_requirements[quantization] - planned) <= 0.01 * planned  # type: ignore[index]
+    assert METADATA.memory_requirements["bfloat16"] == sizes.bytes_for("bfloat16", "none")
