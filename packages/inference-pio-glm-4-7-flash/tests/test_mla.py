@@ -18,6 +18,7 @@ from transformers.models.glm4_moe_lite.modeling_glm4_moe_lite import Glm4MoeLite
 from inference_pio import PluginManager
 from inference_pio.runtime.contract import Prompt
 from inference_pio.runtime.engine import DecodeEngine
+from inference_pio.testing.fast_path import random_prompt, reference_greedy
 from inference_pio_glm_4_7_flash import Glm47FlashPlugin
 from inference_pio_glm_4_7_flash.mla import AbsorbedMlaAttention, install_absorbed_mla, uninstall_absorbed_mla
 
@@ -43,21 +44,12 @@ def absorbed(checkpoint: Path) -> Glm4MoeLiteForCausalLM:
 
 
 def prompt_ids(length: int, seed: int) -> list[int]:
-    generator = torch.Generator().manual_seed(seed)
-    return [int(t) for t in torch.randint(0, 200, (length,), generator=generator)]
+    return random_prompt(length, seed)
 
 
 def transformers_greedy(model: Glm4MoeLiteForCausalLM, ids: list[int]) -> tuple[list[int], torch.Tensor]:
     """Tokens and logits [STEPS, vocab] of STEPS greedy decode steps after the prompt, plain transformers."""
-    cache = DynamicCache(config=model.config)
-    with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True).logits[0, -1]
-        tokens, steps = [int(logits.argmax())], []
-        for _ in range(STEPS):
-            logits = model(input_ids=torch.tensor([[tokens[-1]]]), cache=cache, use_cache=True).logits[0, -1]
-            steps.append(logits.float())
-            tokens.append(int(logits.argmax()))
-    return tokens, torch.stack(steps)
+    return reference_greedy(model, ids, STEPS)
 
 
 def engine_greedy(engine: DecodeEngine, prompts: list[list[int]]) -> tuple[list[list[int]], torch.Tensor]:

@@ -31,3 +31,29 @@ def assert_compiled_matches_eager(
     for t in threads:
         t.join(300)
     assert [together.get(i) for i in range(len(requests))] == expected, "compiled decode differs when batched"
+
+
+def random_prompt(length: int, seed: int, vocab: int = 200) -> list[int]:
+    """``length`` token ids below ``vocab``, the same for the same seed (prompts for fidelity tests)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return [int(t) for t in torch.randint(0, vocab, (length,), generator=generator)]
+
+
+def reference_greedy(model: Any, ids: Sequence[int], steps: int) -> tuple[list[int], Any]:
+    """The reference a fast path is held to: plain transformers, a prefill of ``ids`` then ``steps`` greedy
+    decode steps with its own cache. Returns the tokens (the prefill's first) and the decode steps' logits
+    ``[steps, vocab]`` in float32."""
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([list(ids)]), cache=cache, use_cache=True).logits[0, -1]
+        tokens, logits_per_step = [int(logits.argmax())], []
+        for _ in range(steps):
+            logits = model(input_ids=torch.tensor([[tokens[-1]]]), cache=cache, use_cache=True).logits[0, -1]
+            logits_per_step.append(logits.float())
+            tokens.append(int(logits.argmax()))
+    return tokens, torch.stack(logits_per_step)
