@@ -1,9 +1,10 @@
 """Validate server responses against OpenAI's own API description (the OpenAPI document of their API).
 
-The document lives beside the repository (``../shared/reference/openai-openapi.yaml``; set
-``INFERENCE_PIO_OPENAI_OPENAPI`` to point elsewhere). It is OpenAPI 3.1 (JSON Schema 2020-12) but still
-carries OpenAPI 3.0's ``nullable: true`` in places, which JSON Schema ignores; those schemas are rewritten
-to also accept ``null`` before validation. ``$ref``s resolve inside the document with ``referencing``.
+The document ships with the tests (``tests/fixtures/reference/openai-openapi.yaml.xz``, compressed; set
+``INFERENCE_PIO_OPENAI_OPENAPI`` to a plain or ``.xz`` copy to validate against another version). It is
+OpenAPI 3.1 (JSON Schema 2020-12) but still carries OpenAPI 3.0's ``nullable: true`` in places, which JSON
+Schema ignores; those schemas are rewritten to also accept ``null`` before validation. ``$ref``s resolve
+inside the document with ``referencing``.
 
 One schema is added: ``CreateCompletionStreamResponse``. The document says streamed completions share
 ``CreateCompletionResponse``, whose ``finish_reason`` is a string, yet OpenAI's API (and every compatible
@@ -16,18 +17,20 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import lzma
 import os
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from jsonschema import Draft202012Validator
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCUMENT = Path(os.environ.get("INFERENCE_PIO_OPENAI_OPENAPI", ROOT.parent / "shared/reference/openai-openapi.yaml"))
+DOCUMENT = Path(
+    os.environ.get("INFERENCE_PIO_OPENAI_OPENAPI", ROOT / "tests" / "fixtures" / "reference" / "openai-openapi.yaml.xz")
+)
 URI = "urn:openai-openapi"
 
 
@@ -45,9 +48,8 @@ def _nullable(node: Any) -> Any:
 
 @functools.cache
 def _registry() -> Registry:
-    if not DOCUMENT.is_file():
-        pytest.skip(f"OpenAI's OpenAPI document is not at {DOCUMENT}; set INFERENCE_PIO_OPENAI_OPENAPI to its path")
-    with DOCUMENT.open() as f:
+    opener = lzma.open if DOCUMENT.suffix == ".xz" else open
+    with opener(DOCUMENT, "rt", encoding="utf-8") as f:  # a missing document is an error, not a skip
         document = _nullable(yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))
     schemas = document["components"]["schemas"]
     stream = copy.deepcopy(schemas["CreateCompletionResponse"])
