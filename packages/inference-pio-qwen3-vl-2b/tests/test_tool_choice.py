@@ -4,12 +4,10 @@ or not; the grammar accepts exactly what the published template writes; an agent
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import llguidance
 import llguidance.hf
 import pytest
@@ -17,54 +15,11 @@ import pytest
 from inference_pio import InvalidRequestError, PluginManager
 from inference_pio.parsers import join_tool_calls
 from inference_pio.runtime.constraints import lark_grammar
+from inference_pio.testing.tool_calls import CHOICES, MESSAGES, SEARCH, WEATHER, check_calls
 from inference_pio_qwen3_vl_2b import Qwen3VL2BPlugin
 from inference_pio_qwen3_vl_2b.tool_grammar import tool_call_grammar
 
-WEATHER: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather forecast for a city",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string"},
-                "days": {"type": "integer", "minimum": 1, "maximum": 14},
-                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-            },
-            "required": ["city", "days"],
-            "additionalProperties": False,
-        },
-    },
-}
-SEARCH: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "search",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "query": {"type": "string"},
-                "filters": {
-                    "type": "object",
-                    "properties": {"year": {"type": "integer"}, "lang": {"type": "string", "enum": ["en", "fr"]}},
-                    "required": ["year"],
-                    "additionalProperties": False,
-                },
-            },
-            "required": ["query", "filters"],
-            "additionalProperties": False,
-        },
-    },
-}
-SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, SEARCH)}
-MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 SAMPLING: list[dict[str, Any]] = [{}, {"temperature": 1.0, "seed": 1}, {"temperature": 1.3, "seed": 2}]
-CHOICES: list[tuple[Any, list[dict[str, Any]]]] = [
-    ("required", [WEATHER]),
-    ("required", [WEATHER, SEARCH]),
-    ({"type": "function", "function": {"name": "search"}}, [WEATHER, SEARCH]),
-]
 
 
 @pytest.fixture(scope="module")
@@ -75,15 +30,6 @@ def wide(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     assert isinstance(plugin, Qwen3VL2BPlugin)
     yield plugin
     pm.shutdown()
-
-
-def check_calls(calls: Any, tools: list[dict[str, Any]], choice: Any) -> None:
-    offered = [t["function"]["name"] for t in tools] if choice == "required" else [choice["function"]["name"]]
-    assert calls
-    for call in calls:
-        assert call.name in offered
-        assert call.id.startswith("call_")
-        jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
 
 
 @pytest.mark.parametrize("sampling", SAMPLING)
