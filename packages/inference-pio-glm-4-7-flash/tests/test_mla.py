@@ -15,10 +15,9 @@ import torch
 from transformers import DynamicCache, Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM
 from transformers.models.glm4_moe_lite.modeling_glm4_moe_lite import Glm4MoeLiteAttention
 
-from inference_pio import PluginManager
 from inference_pio.runtime.contract import Prompt
 from inference_pio.runtime.engine import DecodeEngine
-from inference_pio.testing.fast_path import random_prompt, reference_greedy
+from inference_pio.testing.fast_path import random_prompt, reference_greedy, switched_off
 from inference_pio_glm_4_7_flash import Glm47FlashPlugin
 from inference_pio_glm_4_7_flash.mla import AbsorbedMlaAttention, install_absorbed_mla, uninstall_absorbed_mla
 
@@ -207,17 +206,7 @@ def test_plugin_installs_absorbed_mla_by_default(plugin: Glm47FlashPlugin) -> No
 
 @pytest.mark.parametrize("how", ["keyword", "environment"])
 def test_plugin_switch_turns_absorbed_mla_off(checkpoint: Path, tmp_path: Path, how: str) -> None:
-    environ = {"INFERENCE_PIO_CONFIG": str(tmp_path / "none.toml")}
-    extra: dict[str, object] = {}
-    if how == "environment":
-        environ["INFERENCE_PIO_GLM_4_7_FLASH__MLA_ABSORB"] = "0"
-    else:
-        extra["mla_absorb"] = False
-    pm = PluginManager(environ=environ)
-    try:
-        plugin = pm.activate_plugin("glm_4_7_flash", device="cpu", model_path=str(checkpoint), max_context=256, **extra)
+    with switched_off("glm_4_7_flash", "mla_absorb", how, checkpoint, tmp_path) as plugin:
         assert isinstance(plugin, Glm47FlashPlugin)
         assert attention_types(plugin) == {Glm4MoeLiteAttention}
         assert plugin.generate_text("Hello", max_new_tokens=4).token_ids
-    finally:
-        pm.shutdown()

@@ -8,7 +8,9 @@ least as many slots as there are requests).
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 
@@ -57,3 +59,23 @@ def reference_greedy(model: Any, ids: Sequence[int], steps: int) -> tuple[list[i
             logits_per_step.append(logits.float())
             tokens.append(int(logits.argmax()))
     return tokens, torch.stack(logits_per_step)
+
+
+@contextmanager
+def switched_off(name: str, switch: str, how: str, model_path: Path, config_dir: Path) -> Iterator[Any]:
+    """``name`` activated on the CPU with its fast-path setting ``switch`` turned off the way a user would:
+    ``how="keyword"`` (``activate_plugin(..., switch=False)``) or ``"environment"``
+    (``INFERENCE_PIO_<NAME>__<SWITCH>=0``); no config file. Deactivated on exit."""
+    from inference_pio.plugin_system.manager import PluginManager
+
+    environ = {"INFERENCE_PIO_CONFIG": str(config_dir / "none.toml")}
+    extra: dict[str, Any] = {}
+    if how == "environment":
+        environ[f"INFERENCE_PIO_{name.upper()}__{switch.upper()}"] = "0"
+    else:
+        extra[switch] = False
+    pm = PluginManager(environ=environ)
+    try:
+        yield pm.activate_plugin(name, device="cpu", model_path=str(model_path), max_context=256, **extra)
+    finally:
+        pm.shutdown()
