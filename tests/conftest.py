@@ -69,3 +69,13 @@ def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "hog": build_wheel(ROOT / "tests" / "fixtures" / "inference-pio-hog", out),
         "clone": build_wheel(ROOT / "tests" / "fixtures" / "inference-pio-echo-clone", out),
     }
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Tiny Qwen3-VL and GLM-4.7-Flash checkpoints (read-only for the servers that load them), built once."""
+    from inference_pio_glm_4_7_flash.testing import make_tiny_checkpoint as make_glm
+    from inference_pio_qwen3_vl_2b.testing import make_tiny_checkpoint as make_qwen
+
+    root = tmp_path_factory.mktemp("ckpt")
+    return make_qwen(root / "qwen"), make_glm(root / "glm")

@@ -18,20 +18,12 @@ import pytest
 from PIL import Image
 
 from inference_pio import PluginManager
-from inference_pio_glm_4_7_flash.testing import make_tiny_checkpoint as make_glm
-from inference_pio_qwen3_vl_2b.testing import make_tiny_checkpoint as make_qwen
 
 from .openai_schema import Checked
 from .server_harness import ServerProcess, write_config
 
 KEY = "test-key-123"
 CHECKED = Checked()
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("ckpt")
-    return make_qwen(root / "qwen"), make_glm(root / "glm")
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,6 @@ from inference_pio import PluginManager
 from inference_pio.common.interfaces import StreamChunk, Usage, collect
 from inference_pio.parsers import ToolCallDelta
 from inference_pio.server.serving_chat import OneCallOnly
-from inference_pio_glm_4_7_flash.testing import make_tiny_checkpoint as make_glm
-from inference_pio_qwen3_vl_2b.testing import make_tiny_checkpoint as make_qwen
 
 from .openai_schema import Checked, validate
 from .server_harness import ServerProcess
@@ -84,12 +82,6 @@ PERSON: dict[str, Any] = {
     "required": ["name", "age"],
     "additionalProperties": False,
 }
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("ckpt")
-    return make_qwen(root / "qwen"), make_glm(root / "glm")
 
 
 @pytest.fixture(scope="module")
