@@ -272,19 +272,10 @@ class PluginManager:
         with self._lock:
             if record.active:
                 self._deactivate(record)
-            resolved = self.config_manager.resolve(name, plugin.default_config(), _with_device(device, config))
-            apply_trust(record, resolved.values, self.trust_policy)
-            if not plugin.supports_config(resolved.values):
-                meta = plugin.metadata
-                raise ConfigError(
-                    f"plugin {name!r} cannot run with device={resolved['device']!r}, "
-                    f"quantization={resolved['quantization']!r}; it supports devices "
-                    f"{', '.join(meta.supported_devices)} and quantizations {', '.join(meta.supported_quantizations)}"
-                )
-            plugin.config_manager = self.config_manager
-            plugin.initialize(**resolved.values)
+            values = self._configure(record, plugin, device, config)
+            plugin.initialize(**values)
             try:
-                plugin.load_model(resolved.values)
+                plugin.load_model(values)
             except BaseException:
                 plugin.cleanup()
                 raise
@@ -305,10 +296,25 @@ class PluginManager:
                 f"plugin {name!r} {why}, so its memory plan is known only once it is activated: "
                 f"`inference-pio run {name} ...` prints it"
             )
+        return planner(self._configure(record, plugin, device, config))  # type: ignore[no-any-return]
+
+    def _configure(
+        self, record: PluginRecord, plugin: ModelPluginInterface, device: str | None, config: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """The configuration an activation (or its plan) runs with: resolved, held to the plugin's trust level
+        and checked against what the plugin supports; the plugin gets this manager's ConfigManager."""
+        name = record.name
         resolved = self.config_manager.resolve(name, plugin.default_config(), _with_device(device, config))
         apply_trust(record, resolved.values, self.trust_policy)
+        if not plugin.supports_config(resolved.values):
+            meta = plugin.metadata
+            raise ConfigError(
+                f"plugin {name!r} cannot run with device={resolved['device']!r}, "
+                f"quantization={resolved['quantization']!r}; it supports devices "
+                f"{', '.join(meta.supported_devices)} and quantizations {', '.join(meta.supported_quantizations)}"
+            )
         plugin.config_manager = self.config_manager
-        return planner(resolved.values)  # type: ignore[no-any-return]
+        return resolved.values
 
     def execute_plugin(self, name: str, data: Any, **kwargs: Any) -> Any:
         """Run ``infer`` on an activated plugin."""
